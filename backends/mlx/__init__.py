@@ -1,0 +1,1 @@
+"""MLX backend (Apple silicon; Linux through mlx[cpu])."""

@@ -1,0 +1,5 @@
+import sys
+
+from redi.cli.main import main
+
+sys.exit(main())

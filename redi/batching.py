@@ -1,0 +1,108 @@
+"""Which examples go into which optimizer step and micro-batch, decided by the core for every backend.
+
+The order is a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted
+run would, and torch and MLX see the same ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from redi.data import TokenizedPair, TokenizedSeq
+
+
+@dataclass
+class MicroBatch:
+    """Sequences of one forward/backward. For pairs: the n chosen sequences, then the n rejected ones."""
+
+    seqs: list[TokenizedSeq]
+    n_pairs: int  # 0 for SFT
+    weight: float  # this micro-batch's share of the step's loss denominator (pairs or tokens)
+    indices: np.ndarray  # example indices, to look up cached reference log-probs
+    ref_logps: np.ndarray | None = None  # [2 * n_pairs] reference S, chosen then rejected (DPO)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.length for s in self.seqs)
+
+    def padded(self, pad_id: int, multiple: int = 8) -> dict[str, np.ndarray]:
+        """Right-padded arrays. ``label_mask[b, t]`` is 1 where token t is a scored completion token."""
+        longest = max(s.length for s in self.seqs)
+        width = int(math.ceil(longest / multiple) * multiple)
+        b = len(self.seqs)
+        input_ids = np.full((b, width), pad_id, dtype=np.int64)
+        attention = np.zeros((b, width), dtype=np.int64)
+        labels = np.zeros((b, width), dtype=np.int64)
+        for i, s in enumerate(self.seqs):
+            p, c = len(s.prompt), len(s.completion)
+            input_ids[i, :p] = s.prompt
+            input_ids[i, p:p + c] = s.completion
+            attention[i, :p + c] = 1
+            labels[i, p:p + c] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "label_mask": labels}
+
+
+def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> float:
+    """HF's ``get_linear_schedule_with_warmup`` exactly, as the authors' Trainer used it: warmup over
+    ceil(ratio * total) steps starting from 0 (so the very first update has lr 0), then linear decay to 0."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak * step / warmup
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+@dataclass
+class StepPlan:
+    n_examples: int
+    batch_size: int
+    micro_batch_size: int
+    epochs: float
+    max_steps: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # Incomplete final batches are dropped, as in the authors' runs (53,175 pairs / 32 -> 1,661 steps).
+        return max(1, self.n_examples // self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * self.steps_per_epoch))
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
+
+    def step_indices(self, step: int) -> np.ndarray:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        per_step = min(self.batch_size, self.n_examples)
+        return order[offset * per_step:(offset + 1) * per_step]
+
+    def micro_batches(self, step: int, examples: Sequence[TokenizedSeq | TokenizedPair]) -> list[MicroBatch]:
+        idx = self.step_indices(step)
+        # Length-sorting inside a step cuts padding and changes nothing in the loss: each micro-batch is
+        # weighted by its share of the step's denominator.
+        idx = idx[np.argsort([examples[i].length for i in idx], kind="stable")]
+        groups = [idx[i:i + self.micro_batch_size] for i in range(0, len(idx), self.micro_batch_size)]
+        pairs = isinstance(examples[0], TokenizedPair)
+        if pairs:
+            return [
+                MicroBatch(
+                    [examples[i].chosen for i in g] + [examples[i].rejected for i in g],
+                    n_pairs=len(g), weight=len(g) / len(idx), indices=g,
+                )
+                for g in groups
+            ]
+        total_tokens = sum(len(examples[i].completion) for i in idx)
+        return [
+            MicroBatch([examples[i] for i in g], 0, sum(len(examples[i].completion) for i in g) / total_tokens, g)
+            for g in groups
+        ]

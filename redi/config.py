@@ -1,0 +1,222 @@
+"""The run configuration: two small dataclasses, YAML in, YAML out, ``--set key=value`` overrides.
+
+Keys are dotted paths (``sft.learning_rate``, ``pairs.batch_size``). Unknown keys are refused with the
+closest valid key suggested; wrong types and out-of-range values are refused with the key named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from redi.errors import UserError
+from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES
+
+BACKENDS = ("cpu", "cuda", "mlx")
+STAGES = ("sft", "pairs", "both")
+
+
+@dataclass
+class StageConfig:
+    """Optimisation settings of one stage. ``batch_size`` is global: sequences for SFT, pairs for stage 2."""
+
+    learning_rate: float = 1e-6
+    batch_size: int = 32
+    micro_batch_size: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: derived from epochs
+    warmup_ratio: float = 0.1
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    max_length: int = 19800
+    max_prompt_length: int = 0  # 0: no separate prompt limit
+
+
+@dataclass
+class Config:
+    model: str = "builtin:tiny"
+    data: str = "builtin:tiny"
+    output: str = "runs/redi"
+    backend: str = ""  # empty: cuda when available, mlx on Apple silicon, else cpu
+    stage: str = "both"
+    objective: str = "redi"
+    alpha: float = 0.8
+    beta: float = 0.0  # 0: the objective's paper default (DPO 0.001, SimPO 2.0)
+    gamma: float = 1.0
+    seed: int = 42
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only the final model
+    keep_last: int = 2
+    system_prompt: str = ""  # injected as a system turn for conversational rows when set
+    precision: str = "auto"  # auto: bf16 autocast over fp32 weights on CUDA, fp32 elsewhere
+    lm_head_chunk: int = 1024  # completion tokens per LM-head chunk; never full [tokens x vocab] logits
+    log_every: int = 1
+    on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
+    sft: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-5, batch_size=128, epochs=5, max_length=32768))
+    pairs: StageConfig = field(default_factory=lambda: StageConfig(max_prompt_length=800))
+    # Free-form section owned by the built-in demo task (problem generator, error model, evaluation).
+    task: dict = field(default_factory=dict)
+
+    def objective_params(self) -> dict[str, float]:
+        params = {"alpha": self.alpha, "gamma": self.gamma}
+        if self.beta > 0:
+            params["beta"] = self.beta
+        return {k: v for k, v in params.items() if k in OBJECTIVE_PARAMS.get(self.objective, {})}
+
+
+def _leaf_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.update(_leaf_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = value
+    return keys
+
+
+def valid_keys() -> list[str]:
+    return sorted(_leaf_keys(Config()))
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, valid_keys() + ["sft", "pairs"], n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
+    return UserError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _coerce(key: str, raw: Any, target_type: Any, where: str) -> Any:
+    if target_type is dict:
+        if not isinstance(raw, dict):
+            raise UserError(f"config key '{key}' in {where} must be a mapping, got {raw!r}")
+        return raw
+    if isinstance(raw, str) and target_type is not str:
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            pass
+    try:
+        if target_type is bool:
+            if isinstance(raw, bool):
+                return raw
+            raise ValueError
+        if target_type is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if target_type is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if target_type is str:
+            return "" if raw is None else str(raw)
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"config key '{key}' in {where} must be {target_type.__name__}, got {raw!r}")
+
+
+def _set(cfg: Config, key: str, raw: Any, where: str) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        sub = getattr(target, part, None) if part in {f.name for f in dataclasses.fields(target)} else None
+        if not dataclasses.is_dataclass(sub):
+            raise _unknown_key(key, where)
+        target = sub
+    names = {f.name for f in dataclasses.fields(target)}
+    if parts[-1] not in names:
+        raise _unknown_key(key, where)
+    hint = get_type_hints(type(target))[parts[-1]]
+    if dataclasses.is_dataclass(getattr(target, parts[-1])):
+        if not isinstance(raw, dict):
+            raise UserError(f"config key '{key}' in {where} must be a mapping")
+        for sub_key, sub_value in raw.items():
+            _set(cfg, f"{key}.{sub_key}", sub_value, where)
+        return
+    setattr(target, parts[-1], _coerce(key, raw, hint, where))
+
+
+def apply_mapping(cfg: Config, mapping: dict, where: str) -> Config:
+    for key, value in mapping.items():
+        _set(cfg, str(key), value, where)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value, "--set")
+    return cfg
+
+
+def load_config(path: str | Path | None) -> Config:
+    cfg = Config()
+    if path is None:
+        return cfg
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {p}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p}: top level must be a mapping of keys")
+    return apply_mapping(cfg, data, str(p))
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.backend and cfg.backend not in BACKENDS:
+        raise UserError(f"unknown backend '{cfg.backend}'; valid backends: {', '.join(BACKENDS)}")
+    if cfg.stage not in STAGES:
+        raise UserError(f"unknown stage '{cfg.stage}'; valid stages: {', '.join(STAGES)}")
+    if cfg.objective not in PAIR_OBJECTIVES:
+        raise UserError(f"unknown objective '{cfg.objective}'; valid objectives: {', '.join(PAIR_OBJECTIVES)}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{cfg.precision}'")
+    if cfg.on_malformed not in ("error", "skip"):
+        raise UserError(f"config key 'on_malformed' must be error or skip, got '{cfg.on_malformed}'")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        warnings.warn(f"alpha={cfg.alpha} is outside [0, 1], the range the paper studies", stacklevel=2)
+    for name in ("sft", "pairs"):
+        s: StageConfig = getattr(cfg, name)
+        checks = {
+            "learning_rate": s.learning_rate > 0,
+            "batch_size": s.batch_size >= 1,
+            "micro_batch_size": 1 <= s.micro_batch_size <= s.batch_size,
+            "epochs": s.epochs > 0,
+            "max_steps": s.max_steps >= 0,
+            "warmup_ratio": 0.0 <= s.warmup_ratio < 1.0,
+            "weight_decay": s.weight_decay >= 0,
+            "max_grad_norm": s.max_grad_norm >= 0,
+            "max_length": s.max_length >= 2,
+            "max_prompt_length": s.max_prompt_length >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise UserError(f"config key '{name}.{key}' is out of range: {getattr(s, key)!r}")
+        if s.batch_size % s.micro_batch_size:
+            raise UserError(
+                f"config key '{name}.batch_size' ({s.batch_size}) must be a multiple of "
+                f"'{name}.micro_batch_size' ({s.micro_batch_size})"
+            )
+    for key in ("save_every", "keep_last", "lm_head_chunk", "log_every"):
+        if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every") else 0):
+            raise UserError(f"config key '{key}' is out of range: {getattr(cfg, key)!r}")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

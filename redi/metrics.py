@@ -1,0 +1,74 @@
+"""Per-step metrics with TRL's key names plus the paper's diagnostics, and the metrics.jsonl writer."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from redi.backend import NumpyOps
+from redi.objectives import Objective, PairStats, sft_loss
+
+
+def pair_step_metrics(objective: Objective, logps: np.ndarray, lengths: np.ndarray,
+                      ref: np.ndarray | None) -> dict[str, float]:
+    """Metrics of one optimizer step from all its sequences: chosen half first, rejected half second."""
+    n = len(logps) // 2
+    stats = PairStats(
+        logps[:n], lengths[:n], logps[n:], lengths[n:],
+        None if ref is None else ref[:n], None if ref is None else ref[n:],
+    )
+    loss, r_chosen, r_rejected = objective(NumpyOps, stats)
+    chosen_norm, rejected_norm = logps[:n] / lengths[:n], logps[n:] / lengths[n:]
+    return {
+        "loss": float(loss),
+        "logps/chosen": float(np.mean(logps[:n])),
+        "logps/rejected": float(np.mean(logps[n:])),
+        "logps/chosen_normalized": float(np.mean(chosen_norm)),
+        "logps/rejected_normalized": float(np.mean(rejected_norm)),
+        "rewards/chosen": float(np.mean(r_chosen)),
+        "rewards/rejected": float(np.mean(r_rejected)),
+        "rewards/accuracies": float(np.mean(r_chosen > r_rejected)),
+        "rewards/margins": float(np.mean(r_chosen - r_rejected)),
+        "lengths/chosen": float(np.mean(lengths[:n])),
+        "lengths/rejected": float(np.mean(lengths[n:])),
+    }
+
+
+def sft_step_metrics(logps: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
+    loss = float(sft_loss(NumpyOps, logps, lengths))
+    return {
+        "loss": loss,
+        "logps/chosen": float(np.mean(logps)),
+        "logps/chosen_normalized": -loss,
+        "lengths/chosen": float(np.mean(lengths)),
+    }
+
+
+class MetricsWriter:
+    """Appends one JSON object per optimizer step; flushed every line so a kill loses nothing written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.fh.write(json.dumps(clean) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_global_step: int) -> None:
+    """Keep only records up to ``last_global_step`` (resume rewinds to the checkpoint's step)."""
+    kept = [r for r in read_metrics(path) if r.get("global_step", 0) <= last_global_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))

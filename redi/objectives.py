@@ -1,0 +1,103 @@
+"""Training objectives as pure functions of per-sequence statistics.
+
+Every objective sees only:
+  S  summed log-prob of each sequence's completion tokens,
+  L  number of completion tokens scored (after truncation; the same tokens that make up S),
+  R  the frozen reference model's S (DPO only; zeros otherwise).
+It returns ``(loss, rewards_chosen, rewards_rejected)`` where ``loss`` is the mean over pairs (or, for SFT,
+the token-level mean over the batch). Backends pass their array module's ops in ``ops`` so one definition
+serves torch and MLX alike; arrays support ``+ - * /`` and ``ops`` adds the few functions that differ.
+
+The paper's equations (Xu et al., Eq. 1-5) and the authors' TRL fork fix the exact forms; see
+redi-spec.md §2.  In particular REDI normalises each sequence by its *own* length and averages pairs with
+equal weight (not a token-level mean over the batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+
+class ArrayOps(Protocol):
+    def log_sigmoid(self, x: Any) -> Any: ...
+    def mean(self, x: Any) -> Any: ...
+    def sum(self, x: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """Per-pair statistics of one (micro-)batch; every field is a 1-D array of length n_pairs."""
+
+    chosen_logps: Any  # S_w
+    chosen_lengths: Any  # L_w
+    rejected_logps: Any  # S_l
+    rejected_lengths: Any  # L_l
+    ref_chosen_logps: Any = None  # R_w
+    ref_rejected_logps: Any = None  # R_l
+
+
+def sft_loss(ops: ArrayOps, logps: Any, lengths: Any) -> Any:
+    """Token-level mean NLL over all completion tokens of the batch (the authors' SFT, HF cross-entropy)."""
+    return -ops.sum(logps) / ops.sum(lengths)
+
+
+def redi_loss(ops: ArrayOps, s: PairStats, *, alpha: float = 0.8) -> tuple[Any, Any, Any]:
+    """Eq. 5: -S_w/L_w + alpha * S_l/L_l, averaged over pairs. No sigmoid, reference or margin."""
+    chosen = s.chosen_logps / s.chosen_lengths
+    rejected = s.rejected_logps / s.rejected_lengths
+    return ops.mean(-chosen + alpha * rejected), chosen, rejected
+
+
+def symmetric_loss(ops: ArrayOps, s: PairStats) -> tuple[Any, Any, Any]:
+    """Eq. 4: the beta -> 0 limit of SimPO, i.e. REDI with alpha = 1."""
+    return redi_loss(ops, s, alpha=1.0)
+
+
+def dpo_loss(ops: ArrayOps, s: PairStats, *, beta: float = 0.001) -> tuple[Any, Any, Any]:
+    """Eq. 2 on summed log-probs: -log sigmoid(beta * [(S_w - R_w) - (S_l - R_l)])."""
+    chosen = beta * (s.chosen_logps - s.ref_chosen_logps)
+    rejected = beta * (s.rejected_logps - s.ref_rejected_logps)
+    return ops.mean(-ops.log_sigmoid(chosen - rejected)), chosen, rejected
+
+
+def simpo_loss(ops: ArrayOps, s: PairStats, *, beta: float = 2.0, gamma: float = 1.0) -> tuple[Any, Any, Any]:
+    """Eq. 3: -log sigmoid(beta * (S_w/L_w - S_l/L_l) - gamma). No chosen-NLL term (TRL's cpo_alpha = 0)."""
+    chosen = beta * s.chosen_logps / s.chosen_lengths
+    rejected = beta * s.rejected_logps / s.rejected_lengths
+    return ops.mean(-ops.log_sigmoid(chosen - rejected - gamma)), chosen, rejected
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A named pair objective: its loss function, its hyperparameters and whether it needs R."""
+
+    name: str
+    fn: Callable[..., tuple[Any, Any, Any]]
+    params: dict[str, float] = field(default_factory=dict)
+    needs_reference: bool = False
+
+    def __call__(self, ops: ArrayOps, stats: PairStats) -> tuple[Any, Any, Any]:
+        return self.fn(ops, stats, **self.params)
+
+
+# Hyperparameter names each objective accepts, with the paper's defaults (redi-spec.md §3.3).
+OBJECTIVE_PARAMS: dict[str, dict[str, float]] = {
+    "redi": {"alpha": 0.8},
+    "symmetric": {},
+    "dpo": {"beta": 0.001},
+    "simpo": {"beta": 2.0, "gamma": 1.0},
+}
+_FUNCTIONS = {"redi": redi_loss, "symmetric": symmetric_loss, "dpo": dpo_loss, "simpo": simpo_loss}
+# The learning rate the paper pairs with each objective's defaults.
+PAPER_LEARNING_RATES = {"redi": 1e-6, "symmetric": 2e-7, "dpo": 2e-7, "simpo": 5e-7}
+PAIR_OBJECTIVES = tuple(_FUNCTIONS)
+
+
+def make_objective(name: str, **overrides: float) -> Objective:
+    if name not in _FUNCTIONS:
+        from redi.errors import UserError
+
+        raise UserError(f"unknown objective '{name}'; choose one of: {', '.join(PAIR_OBJECTIVES)}")
+    params = dict(OBJECTIVE_PARAMS[name])
+    params.update({k: v for k, v in overrides.items() if k in params})
+    return Objective(name, _FUNCTIONS[name], params, needs_reference=(name == "dpo"))
