@@ -10,10 +10,23 @@ from redi.config import Config, apply_overrides, load_config
 from redi.errors import UserError
 
 
+def default_recipe() -> Path:
+    """The built-in recipe `redi train` runs with no arguments (shipped inside the package)."""
+    from importlib.resources import files
+
+    root = files("redi.configs")
+    for name in ("demo.yaml", "tiny.yaml"):
+        if (root / name).is_file():
+            return Path(str(root / name))
+    raise UserError("no built-in recipe found in redi.configs; reinstall redi")
+
+
 def build_config(config: Optional[Path], backend: Optional[str], stage: Optional[str], objective: Optional[str],
                  model: Optional[str], data: Optional[str], output: Optional[str], max_steps: Optional[int],
                  max_length: Optional[int], seed: Optional[int], save_every: Optional[int],
                  overrides: List[str]) -> Config:
+    if config is None and model is None and data is None:
+        config = default_recipe()
     cfg = load_config(config)
     flags = {"backend": backend, "stage": stage, "objective": objective, "model": model, "data": data,
              "output": output, "seed": seed, "save_every": save_every}

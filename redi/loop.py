@@ -58,7 +58,7 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_b
         if ref.shape == (len(examples), 2):
             return ref
     ref = np.zeros((len(examples), 2))
-    task = progress.add_task("reference log-probs", total=len(examples)) if progress else None
+    task = progress.add_task("reference log-probs", total=len(examples), info="") if progress else None
     for start in range(0, len(examples), micro_batch_size):
         idx = np.arange(start, min(start + micro_batch_size, len(examples)))
         batch = MicroBatch([examples[i].chosen for i in idx] + [examples[i].rejected for i in idx], len(idx), 1.0, idx)

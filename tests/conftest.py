@@ -1,0 +1,28 @@
+"""Shared fixtures: everything is built locally; nothing is downloaded."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from redi.tiny import TinyQwen2, build_model  # noqa: E402
+
+# A non-trivial init: norm weights away from 1 and larger projections, so RoPE, masking and
+# off-by-one errors show up as large log-prob differences instead of hiding near a uniform model.
+PARITY_SHAPE = TinyQwen2(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, init_std=0.2, norm_noise=0.3, rope_theta=1000.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return str(build_model(tmp_path_factory.mktemp("tiny-model"), shape=PARITY_SHAPE, seed=123))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
