@@ -56,6 +56,10 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed"),
         save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N optimizer steps."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its newest checkpoint."),
+        force: bool = typer.Option(False, "--force", help="With --resume: accept a config that differs from the run's."),
+        keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep only the newest K checkpoints."),
+        skip_nonfinite: Optional[int] = typer.Option(None, "--skip-nonfinite", help="Tolerate up to N non-finite steps (skipped and logged)."),
+        stop_on_collapse: bool = typer.Option(False, "--stop-on-collapse", help="Stop when the collapse alarm fires."),
         overrides: List[str] = typer.Option([], "--set", help="KEY=VALUE for any config key, e.g. pairs.learning_rate=1e-6."),
     ) -> None:
         """Train stage 1 (SFT on correct traces) and/or stage 2 (pairs with REDI, DPO, SimPO...)."""
@@ -68,5 +72,11 @@ def register(app: typer.Typer) -> None:
             output = str(resume)
         cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
                            save_every, overrides)
-        summary = run_train(cfg, resume=resume is not None)
+        if keep_last is not None:
+            cfg.keep_last = keep_last
+        if skip_nonfinite is not None:
+            cfg.skip_nonfinite = skip_nonfinite
+        if stop_on_collapse:
+            cfg.stop_on_collapse = True
+        summary = run_train(cfg, resume=resume is not None, force=force)
         typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")

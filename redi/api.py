@@ -6,6 +6,7 @@ when both stages run), final/, summary.json.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from redi.builtin import materialise_data, materialise_model
 from redi.config import Config, dump, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
-from redi.loop import StageRun, make_progress, reference_logps, run_stage
+from redi.guards import CollapseDetector, NonFiniteBudget
+from redi.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.metrics import MetricsWriter, read_metrics, truncate_metrics
 from redi.objectives import make_objective
+from redi.run_folder import check_disk_room, check_writable, config_drift, resume_point
 
 
 def load_tokenizer(model_path: str):
@@ -37,16 +40,6 @@ def _stages(cfg: Config) -> list[str]:
     return {"sft": ["sft"], "pairs": ["pairs"], "both": ["sft", "pairs"]}[cfg.stage]
 
 
-def _check_output(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output folder {run_dir} is not writable: {err.strerror}") from None
-
-
 def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder: Encoder) -> StageRun:
     settings = cfg.sft if stage == "sft" else cfg.pairs
     source = resolve_sources(data, stage)
@@ -63,78 +56,93 @@ def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder:
     return run
 
 
-def train(cfg: Config, *, resume: bool = False, backend: Backend | None = None) -> dict:
+def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Guards:
+    collapse = None
+    if stage == "pairs":
+        warmup = math.ceil(run.settings.warmup_ratio * run.plan().total_steps)
+        collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_drop, cfg.collapse_growth, ignore_before=warmup)
+        for record in previous:  # a resumed run re-reads its window from metrics.jsonl
+            if record.get("stage") == stage:
+                collapse.update(record)
+    budget = NonFiniteBudget(cfg.skip_nonfinite, [r["global_step"] for r in previous if r.get("nonfinite_skipped")])
+    return Guards(collapse, cfg.stop_on_collapse, budget)
+
+
+def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Backend | None = None) -> dict:
     """Run the configured stages and return the summary (also written to summary.json)."""
     validate(cfg)
     run_dir = Path(cfg.output)
-    _check_output(run_dir)
+    check_writable(run_dir)
+    stages = _stages(cfg)
+    metrics_path = run_dir / "metrics.jsonl"
     state: dict = {}
     if resume:
-        last = ckpt.latest_checkpoint(run_dir)
-        state = ckpt.read_state(last) if last else {}
-    elif (run_dir / "metrics.jsonl").exists() and read_metrics(run_dir / "metrics.jsonl"):
+        drift = config_drift(run_dir, cfg)
+        if drift and not force:
+            raise UserError(f"--resume {run_dir}: the config differs from the run's in: {', '.join(drift)} (--force to resume anyway)")
+        state = resume_point(run_dir, len(stages) == 2)
+    elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
     model_path = materialise_model(cfg.model, run_dir, cfg.seed, cfg.task)
     data = materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)
-    tokenizer = load_tokenizer(model_path)
-    encoder = Encoder(tokenizer, cfg.system_prompt, model_path)
+    encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
     backend = backend or make_backend(cfg.backend, cfg.seed)
     dump(cfg, run_dir / "config.yaml")
-    metrics_path = run_dir / "metrics.jsonl"
     if state:
         truncate_metrics(metrics_path, state["global_step"])
     elif metrics_path.exists():
         metrics_path.unlink()
+    previous = read_metrics(metrics_path)
     writer = MetricsWriter(metrics_path)
     started = time.time()
-    global_step, reports, stage_models = 0, {}, {}
-    stages = _stages(cfg)
+    global_step, reports = 0, {}
+
+    def save_checkpoint(folder: Path, st: dict) -> None:
+        def write(tmp: Path) -> None:
+            backend.save_model(str(tmp))
+            backend.save_state(str(tmp))
+            ckpt.write_state(tmp, st)
+
+        ckpt.atomic_dir(folder, write)
+
     try:
         with make_progress() as progress:
             for index, stage in enumerate(stages):
-                sft_done = stage == "sft" and len(stages) == 2 and (run_dir / "sft_final" / "config.json").exists()
-                if sft_done and (resume or state.get("stage") == "pairs"):
-                    global_step = json.loads((run_dir / "sft_final" / "redi_stage.json").read_text())["global_step"]
-                    continue
+                if stage == "sft" and state.get("complete") or stage == "sft" and state.get("stage") == "pairs":
+                    global_step = state["global_step"] if state.get("complete") else global_step
+                    continue  # stage 1 finished before the interruption; stage 2 starts from sft_final/
                 run = _prepare_stage(cfg, stage, model_path, data, encoder)
                 reports[stage] = run.report  # type: ignore[attr-defined]
                 (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
-                start_from = model_path
-                if stage == "pairs" and len(stages) == 2:
-                    start_from = str(run_dir / "sft_final")
-                if index == 0 or stage == "pairs" and len(stages) == 2:
-                    backend.load(start_from, precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
+                two_stage_second = stage == "pairs" and len(stages) == 2
+                backend.load(str(run_dir / "sft_final") if two_stage_second else model_path,
+                             precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
+                if index == 0 or two_stage_second:
+                    check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0)
                 backend.start_stage(weight_decay=run.settings.weight_decay)
                 start_step = 0
-                if state.get("stage") == stage:
-                    backend.load_state(str(ckpt.latest_checkpoint(run_dir)))
+                if state.get("stage") == stage and not state.get("complete"):
+                    backend.load_state(state["checkpoint"])
                     start_step, global_step = state["stage_step"], state["global_step"]
                 if run.objective is not None and run.objective.needs_reference:
+                    # Computed from the stage's start model, so a resumed run must reuse the cached file.
                     run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,
                                                     run_dir / "reference_logps.npy", progress)
-
-                def save_checkpoint(folder: Path, st: dict) -> None:
-                    def write(tmp: Path) -> None:
-                        backend.save_model(str(tmp))
-                        backend.save_state(str(tmp))
-                        ckpt.write_state(tmp, st)
-
-                    ckpt.atomic_dir(folder, write)
-
                 global_step = run_stage(run, backend, run_dir, writer, global_step=global_step, start_step=start_step,
                                         save_every=cfg.save_every, keep_last=cfg.keep_last, progress=progress,
-                                        on_checkpoint=save_checkpoint)
-                stage_models[stage] = global_step
+                                        on_checkpoint=save_checkpoint, guards=_guards(cfg, stage, run, previous))
                 if stage == "sft" and len(stages) == 2:
-                    def write_sft(tmp: Path) -> None:
+                    def write_sft(tmp: Path, step: int = global_step) -> None:
                         backend.save_model(str(tmp))
-                        (tmp / "redi_stage.json").write_text(json.dumps({"global_step": global_step}))
+                        (tmp / "redi_stage.json").write_text(json.dumps({"global_step": step}))
 
                     ckpt.atomic_dir(run_dir / "sft_final", write_sft)
         ckpt.atomic_dir(run_dir / "final", lambda tmp: backend.save_model(str(tmp)))
     finally:
         writer.close()
     records = read_metrics(metrics_path)
+    if not reports and (run_dir / "data_report.json").exists():
+        reports = json.loads((run_dir / "data_report.json").read_text())
     summary = {
         "stages": stages,
         "backend": backend.name,
@@ -145,8 +153,9 @@ def train(cfg: Config, *, resume: bool = False, backend: Backend | None = None) 
         "wall_time_s": round(time.time() - started, 3),
         "final_model": str(run_dir / "final"),
         "data": reports,
+        "nonfinite_steps_skipped": [r["global_step"] for r in records if r.get("nonfinite_skipped")],
+        "collapse_warnings": [r["global_step"] for r in records if r.get("collapse_warning")],
         "last": {st: next((r for r in reversed(records) if r["stage"] == st), None) for st in stages},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-

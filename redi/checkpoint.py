@@ -33,6 +33,11 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     write(tmp)
     _fsync_tree(tmp)
+    if os.environ.get("REDI_FAULT_CHECKPOINT_DELAY"):
+        # Fault-injection hook for the resume tests: widen the window in which a kill finds a half-made folder.
+        import time
+
+        time.sleep(float(os.environ["REDI_FAULT_CHECKPOINT_DELAY"]))
     if target.exists():
         old = target.parent / f".old-{target.name}-{os.getpid()}"
         target.rename(old)

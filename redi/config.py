@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -55,6 +54,13 @@ class Config:
     precision: str = "auto"  # auto: bf16 autocast over fp32 weights on CUDA, fp32 elsewhere
     lm_head_chunk: int = 1024  # completion tokens per LM-head chunk; never full [tokens x vocab] logits
     log_every: int = 1
+    skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient (skipped, logged)
+    stop_on_collapse: bool = False
+    # Collapse alarm: both LogPS fall by collapse_drop nats/token and update_norm grows collapse_growth-fold
+    # between the two halves of a collapse_window-step window (calibrated on the demo; see redi/guards.py).
+    collapse_window: int = 10
+    collapse_drop: float = 0.05
+    collapse_growth: float = 1.5
     on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
     sft: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-5, batch_size=128, epochs=5, max_length=32768))
     pairs: StageConfig = field(default_factory=lambda: StageConfig(max_prompt_length=800))
@@ -185,7 +191,13 @@ def validate(cfg: Config) -> Config:
     if cfg.on_malformed not in ("error", "skip"):
         raise UserError(f"config key 'on_malformed' must be error or skip, got '{cfg.on_malformed}'")
     if not 0.0 <= cfg.alpha <= 1.0:
-        warnings.warn(f"alpha={cfg.alpha} is outside [0, 1], the range the paper studies", stacklevel=2)
+        import sys
+
+        print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
+    if cfg.precision == "bf16" and cfg.backend == "cpu":
+        raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
+    if cfg.collapse_window < 2:
+        raise UserError(f"config key 'collapse_window' must be at least 2, got {cfg.collapse_window}")
     for name in ("sft", "pairs"):
         s: StageConfig = getattr(cfg, name)
         checks = {
@@ -208,8 +220,9 @@ def validate(cfg: Config) -> Config:
                 f"config key '{name}.batch_size' ({s.batch_size}) must be a multiple of "
                 f"'{name}.micro_batch_size' ({s.micro_batch_size})"
             )
-    for key in ("save_every", "keep_last", "lm_head_chunk", "log_every"):
-        if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every") else 0):
+    for key in ("save_every", "keep_last", "lm_head_chunk", "log_every", "skip_nonfinite", "collapse_window",
+                "collapse_drop", "collapse_growth"):
+        if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_growth") else 0):
             raise UserError(f"config key '{key}' is out of range: {getattr(cfg, key)!r}")
     return cfg
 

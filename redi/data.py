@@ -129,6 +129,8 @@ def _is_messages(v: Any) -> bool:
 
 def _check_text(value: Any, key: str) -> Any:
     if isinstance(value, str) or _is_messages(value):
+        if key != "prompt" and (value == "" or value == [] or (_is_messages(value) and value[-1]["content"] == "")):
+            raise ValueError(f"empty '{key}'")
         return value
     raise ValueError(f"'{key}' must be a string or a list of {{role, content}} messages")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,8 +16,16 @@ from redi.batching import MicroBatch, StepPlan, lr_at
 from redi.config import StageConfig
 from redi.data import TokenizedPair, TokenizedSeq
 from redi.errors import UserError
+from redi.guards import CollapseDetector, NonFiniteBudget
 from redi.metrics import MetricsWriter, pair_step_metrics, sft_step_metrics
 from redi.objectives import Objective, PairStats, sft_loss
+
+
+@dataclass
+class Guards:
+    collapse: CollapseDetector | None = None
+    stop_on_collapse: bool = False
+    nonfinite: NonFiniteBudget = field(default_factory=NonFiniteBudget)
 
 
 @dataclass
@@ -81,10 +89,12 @@ def make_progress() -> Progress:
 
 def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWriter, *, global_step: int,
               start_step: int = 0, save_every: int = 0, keep_last: int = 2,
-              progress: Progress | None = None, on_checkpoint: Callable[[Path, dict], None] | None = None) -> int:
+              progress: Progress | None = None, on_checkpoint: Callable[[Path, dict], None] | None = None,
+              guards: Guards | None = None) -> int:
     """Train one stage from ``start_step``; returns the global step count after the stage."""
     plan, s = run.plan(), run.settings
     total = plan.total_steps
+    guards = guards or Guards()
     task = progress.add_task(f"stage {run.name}", total=total, completed=start_step, info="") if progress else None
     for step in range(start_step, total):
         t0 = time.perf_counter()
@@ -118,16 +128,28 @@ def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWri
             "step": step + 1, "global_step": global_step, "stage": run.name, "epoch": plan.epoch_of(step),
             "time_s": elapsed,
         })
+        bad = not math.isfinite(record["loss"]) or bool(update.get("skipped"))
+        if bad:
+            record["nonfinite_skipped"] = guards.nonfinite.tolerate(global_step)
+        collapsed = guards.collapse is not None and not bad and guards.collapse.update(record)
+        if collapsed:
+            record["collapse_warning"] = True
         writer.write(record)
-        if not math.isfinite(record["loss"]) or update.get("skipped"):
+        if bad and not record["nonfinite_skipped"]:
             last = ckpt.latest_checkpoint(run_dir)
             where = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
-            raise UserError(f"non-finite loss or gradient at {run.name} step {step + 1}{where}")
+            raise UserError(f"non-finite loss or gradient at {run.name} step {step + 1} (global step {global_step}){where}; "
+                            f"--set skip_nonfinite=N tolerates N such steps")
+        if collapsed and guards.stop_on_collapse:
+            raise UserError(f"collapse at {run.name} step {step + 1}: chosen and rejected LogPS fell together while "
+                            f"update_norm rose (stop_on_collapse is set); lower the learning rate or alpha")
         if progress:
             info = f"loss {record['loss']:.4f}  "
             if run.objective is not None:
                 info += f"LogPS w {record['logps/chosen_normalized']:.3f} l {record['logps/rejected_normalized']:.3f}  "
             info += f"{record['tokens_per_s']:.0f} tok/s"
+            if collapsed:
+                info += "  [bold red]COLLAPSE?[/]"
             progress.update(task, advance=1, info=info)
         if save_every and global_step % save_every == 0 and step + 1 < total and on_checkpoint:
             state = {"stage": run.name, "stage_step": step + 1, "global_step": global_step, "total_steps": total}

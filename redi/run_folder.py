@@ -1,0 +1,69 @@
+"""The run folder's bookkeeping: writability, disk room, where a resumed run picks up, config drift."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from redi import checkpoint as ckpt
+from redi.config import Config, to_dict
+from redi.errors import UserError
+
+# Keys that may differ on --resume without changing what is computed.
+RESUME_FREE_KEYS = {"output", "backend", "save_every", "keep_last", "log_every", "stop_on_collapse", "skip_nonfinite"}
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output folder {run_dir} is not writable: {err.strerror}") from None
+
+
+def check_disk_room(run_dir: Path, n_parameters: int, keep_last: int, with_checkpoints: bool) -> None:
+    """fp32 weights, plus AdamW's two moments in a checkpoint; refuse before training, not at step 1,000."""
+    model_bytes = 4 * n_parameters
+    per_checkpoint = 3 * model_bytes
+    need = model_bytes * 2 + (per_checkpoint * (keep_last + 1) if with_checkpoints else 0)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise UserError(f"not enough disk space in {run_dir}: {free / 1e9:.2f} GB free, about {need / 1e9:.2f} GB "
+                        f"needed for checkpoints and the final model; free space or lower --keep-last")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "task":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_drift(run_dir: Path, cfg: Config) -> list[str]:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return []
+    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = flatten(to_dict(cfg))
+    return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
+
+
+def resume_point(run_dir: Path, two_stages: bool) -> dict:
+    """The newest complete state: a checkpoint, or the end of stage 1 when sft_final/ is newer."""
+    last = ckpt.latest_checkpoint(run_dir)
+    state = ckpt.read_state(last) if last else {}
+    if state:
+        state["checkpoint"] = str(last)
+    marker = run_dir / "sft_final" / "redi_stage.json"
+    if two_stages and marker.exists():
+        sft_end = json.loads(marker.read_text())["global_step"]
+        if state.get("stage") != "pairs" or state.get("global_step", 0) < sft_end:
+            state = {"stage": "sft", "complete": True, "global_step": sft_end}
+    return state
