@@ -1,0 +1,28 @@
+"""`redi compare`: stage-2 objectives side by side from one SFT checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compare")
+    def compare(
+        config: Optional[Path] = typer.Option(None, "--config", help="Compare grid YAML (default: the built-in demo grid)."),
+        output: Path = typer.Option(Path("runs/compare"), "--output", help="Folder for compare.md/.csv and plots."),
+        backend: Optional[str] = typer.Option(None, "--backend", help="cpu | cuda | mlx."),
+        seeds: Optional[int] = typer.Option(None, "--seeds", help="Repeat each arm with N seeds (mean ± std)."),
+    ) -> None:
+        """Run each arm of the grid (REDI, symmetric, DPO, SimPO, continued SFT) and tabulate and plot them."""
+        from importlib.resources import files
+
+        from redi.compare_report import run_compare
+        from redi.errors import UserError
+
+        if config is None:
+            config = Path(str(files("redi.configs") / "compare.yaml"))
+        if seeds is not None and seeds < 1:
+            raise UserError("--seeds must be at least 1")
+        run_compare(config, output, backend or "", seeds)
