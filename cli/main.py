@@ -1,0 +1,73 @@
+"""Entry point of the `redi` console script.
+
+Each command lives in its own module and only parses flags; the work is done by the Python API in ``redi``.
+A ``UserError`` anywhere below becomes one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from redi.errors import UserError
+
+app = typer.Typer(
+    name="redi",
+    help="Reinforcement Distillation: SFT on correct teacher traces, then learn from the wrong ones too.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Reinforcement Distillation: SFT on correct teacher traces, then learn from the wrong ones too."""
+
+
+def _register_commands() -> None:
+    # One line per command module; each module exposes `register(app)`.
+    from redi.cli import train as train_cmd
+
+    train_cmd.register(app)
+    # --- commands added by later issues register below this line ---
+    from redi.cli import eval as eval_cmd
+
+    eval_cmd.register(app)
+    from redi.cli import compare as compare_cmd
+
+    compare_cmd.register(app)
+    from redi.cli import data as data_cmd
+    data_cmd.register(app)
+    from redi.cli import grade as grade_cmd
+    grade_cmd.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _register_commands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+    except Exception as err:
+        # Usage errors from Typer's bundled click arrive here because standalone_mode is off.
+        if hasattr(err, "show") and hasattr(err, "exit_code"):
+            err.show()
+            return int(err.exit_code)
+        if type(err).__name__ == "Abort":
+            print("error: aborted", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
