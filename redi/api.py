@@ -5,8 +5,10 @@ when both stages run), final/, summary.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -72,7 +74,10 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
     """Run the configured stages and return the summary (also written to summary.json)."""
     validate(cfg)
     run_dir = Path(cfg.output)
-    check_writable(run_dir)
+    # Multi-process (torchrun): every rank trains; only rank 0 writes files (see _on_main and _save).
+    main = _rank(backend) == 0 if backend is not None else os.environ.get("RANK", "0") == "0"
+    if main:
+        check_writable(run_dir)
     stages = _stages(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     state: dict = {}
@@ -83,37 +88,44 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         state = resume_point(run_dir, len(stages) == 2)
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
-    model_path = materialise_model(cfg.model, run_dir, cfg.seed, cfg.task)
-    data = materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)
-    encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
     backend = backend or make_backend(cfg.backend, cfg.seed)
-    dump(cfg, run_dir / "config.yaml")
-    if state:
-        truncate_metrics(metrics_path, state["global_step"])
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if hasattr(backend, "configure"):  # the torch backend's speed/memory keys (docs/cuda.md)
+        backend.configure(packing=cfg.packing, activation_checkpointing=cfg.activation_checkpointing,
+                          compile=cfg.compile, optim_state_dtype=cfg.optim_state_dtype)
+    model_path, data = _on_main(backend, lambda: (materialise_model(cfg.model, run_dir, cfg.seed, cfg.task),
+                                                  materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
+    encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
+    if main:
+        dump(cfg, run_dir / "config.yaml")
+        if state:
+            truncate_metrics(metrics_path, state["global_step"])
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    _on_main(backend, lambda: None)  # a barrier: the other ranks read metrics.jsonl after rank 0 rewrote it
     previous = read_metrics(metrics_path)
-    writer = MetricsWriter(metrics_path)
+    writer = MetricsWriter(metrics_path) if main else _NoWriter()
     started = time.time()
     global_step, reports = 0, {}
 
     def save_checkpoint(folder: Path, st: dict) -> None:
-        def write(tmp: Path) -> None:
-            backend.save_model(str(tmp))
-            backend.save_state(str(tmp))
-            ckpt.write_state(tmp, st)
+        def write(tmp: Path | None) -> None:
+            backend.save_model(str(tmp) if tmp else None)  # collective under multi-process; rank 0 writes
+            backend.save_state(str(tmp) if tmp else None)
+            if tmp:
+                ckpt.write_state(tmp, st)
 
-        ckpt.atomic_dir(folder, write)
+        _save(backend, folder, write)
 
     try:
-        with make_progress() as progress:
+        with make_progress() if main else contextlib.nullcontext(None) as progress:
             for index, stage in enumerate(stages):
                 if stage == "sft" and state.get("complete") or stage == "sft" and state.get("stage") == "pairs":
                     global_step = state["global_step"] if state.get("complete") else global_step
                     continue  # stage 1 finished before the interruption; stage 2 starts from sft_final/
                 run = _prepare_stage(cfg, stage, model_path, data, encoder)
                 reports[stage] = run.report  # type: ignore[attr-defined]
-                (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
+                if main:
+                    (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
                 two_stage_second = stage == "pairs" and len(stages) == 2
                 backend.load(str(run_dir / "sft_final") if two_stage_second else model_path,
                              precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
@@ -132,12 +144,13 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
                                         save_every=cfg.save_every, keep_last=cfg.keep_last, progress=progress,
                                         on_checkpoint=save_checkpoint, guards=_guards(cfg, stage, run, previous))
                 if stage == "sft" and len(stages) == 2:
-                    def write_sft(tmp: Path, step: int = global_step) -> None:
-                        backend.save_model(str(tmp))
-                        (tmp / "redi_stage.json").write_text(json.dumps({"global_step": step}))
+                    def write_sft(tmp: Path | None, step: int = global_step) -> None:
+                        backend.save_model(str(tmp) if tmp else None)
+                        if tmp:
+                            (tmp / "redi_stage.json").write_text(json.dumps({"global_step": step}))
 
-                    ckpt.atomic_dir(run_dir / "sft_final", write_sft)
-        ckpt.atomic_dir(run_dir / "final", lambda tmp: backend.save_model(str(tmp)))
+                    _save(backend, run_dir / "sft_final", write_sft)
+        _save(backend, run_dir / "final", lambda tmp: backend.save_model(str(tmp) if tmp else None))
     finally:
         writer.close()
     records = read_metrics(metrics_path)
@@ -157,5 +170,35 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         "collapse_warnings": [r["global_step"] for r in records if r.get("collapse_warning")],
         "last": {st: next((r for r in reversed(records) if r["stage"] == st), None) for st in stages},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _rank(backend: Backend) -> int:
+    return getattr(backend, "rank", 0)
+
+
+def _on_main(backend: Backend, fn):
+    """Run ``fn`` on rank 0 only and hand its result to every rank (one process: just ``fn()``)."""
+    if getattr(backend, "world_size", 1) == 1:
+        return fn()
+    return backend.all_gather_object(fn() if _rank(backend) == 0 else None)[0]  # type: ignore[attr-defined]
+
+
+def _save(backend: Backend, folder: Path, write) -> None:
+    """An atomic model folder written by rank 0; the other ranks take part in gathering the weights and
+    wait until the folder is in place (stage 2 loads sft_final/ right after)."""
+    if _rank(backend) == 0:
+        ckpt.atomic_dir(folder, write)
+    else:
+        write(None)
+    _on_main(backend, lambda: None)
+
+
+class _NoWriter:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -62,6 +63,11 @@ class Config:
     collapse_drop: float = 0.05
     collapse_growth: float = 1.5
     on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
+    # Torch backend speed and memory (docs/cuda.md); other backends ignore them.
+    packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
+    activation_checkpointing: str = "auto"  # none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)
+    compile: bool = False  # torch.compile the decoder layers (CUDA); FlexAttention is compiled regardless
+    optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's fused AdamW) or bf16 (4 bytes/param less)
     sft: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-5, batch_size=128, epochs=5, max_length=32768))
     pairs: StageConfig = field(default_factory=lambda: StageConfig(max_prompt_length=800))
     # Free-form section owned by the built-in demo task (problem generator, error model, evaluation).
@@ -196,6 +202,11 @@ def validate(cfg: Config) -> Config:
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
     if cfg.precision == "bf16" and cfg.backend == "cpu":
         raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
+    if not re.fullmatch(r"none|full|auto|auto:\d+(\.\d+)?|\d+", str(cfg.activation_checkpointing).strip().lower()):
+        raise UserError(f"config key 'activation_checkpointing' must be none, full, auto, auto:GB or a number of "
+                        f"layers, got '{cfg.activation_checkpointing}'")
+    if cfg.optim_state_dtype not in ("fp32", "bf16"):
+        raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{cfg.optim_state_dtype}'")
     if cfg.collapse_window < 2:
         raise UserError(f"config key 'collapse_window' must be at least 2, got {cfg.collapse_window}")
     for name in ("sft", "pairs"):

@@ -1,6 +1,7 @@
 """The training loop: one readable function, shared by every backend and both stages."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -74,10 +75,23 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_b
         ref[idx, 0], ref[idx, 1] = logps[:len(idx)], logps[len(idx):]
         if progress:
             progress.advance(task, len(idx))
-    tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, ref)
-    tmp.rename(cache)
+    if getattr(backend, "rank", 0) == 0:  # every rank computed the same values; one writes them
+        tmp = cache.with_suffix(".tmp.npy")
+        np.save(tmp, ref)
+        tmp.rename(cache)
     return ref
+
+
+def rank_share(batches: list[MicroBatch], rank: int, world: int) -> list[tuple[int, MicroBatch]]:
+    """Rank ``rank``'s micro-batches of one step: ``rank``, ``rank + world``, ... with their indices. Every
+    rank runs the same number of forward/backward passes (collectives must match), so a rank short of
+    micro-batches repeats one with weight 0 and index -1: it adds nothing to the gradient or the metrics."""
+    if world == 1:
+        return list(enumerate(batches))
+    share = [(i, batches[i]) for i in range(rank, len(batches), world)]
+    while len(share) < -(-len(batches) // world):
+        share.append((-1, dataclasses.replace(batches[rank % len(batches)], weight=0.0)))
+    return share
 
 
 def make_progress() -> Progress:
@@ -95,19 +109,23 @@ def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWri
     plan, s = run.plan(), run.settings
     total = plan.total_steps
     guards = guards or Guards()
+    rank, world = getattr(backend, "rank", 0), getattr(backend, "world_size", 1)
     task = progress.add_task(f"stage {run.name}", total=total, completed=start_step, info="") if progress else None
     for step in range(start_step, total):
         t0 = time.perf_counter()
         lr = lr_at(step, total, s.learning_rate, s.warmup_ratio)
-        all_logps, all_lengths, all_refs, tokens = [], [], [], 0
-        for batch in plan.micro_batches(step, run.examples):
+        results = []  # (micro-batch index, S, L, reference S, tokens) of the micro-batches this rank ran
+        for index, batch in rank_share(plan.micro_batches(step, run.examples), rank, world):
             if run.reference is not None:
                 batch.ref_logps = np.concatenate([run.reference[batch.indices, 0], run.reference[batch.indices, 1]])
-                all_refs.append(batch.ref_logps)
             logps, lengths = backend.forward_backward(batch, micro_batch_loss(run, batch))
-            all_logps.append(logps)
-            all_lengths.append(lengths.astype(np.float64))
-            tokens += batch.tokens
+            if index >= 0:
+                results.append((index, logps, lengths.astype(np.float64), batch.ref_logps, batch.tokens))
+        if world > 1:  # every rank sees the whole step's statistics, in the one-process order
+            results = sorted((r for part in backend.all_gather_object(results) for r in part), key=lambda r: r[0])
+        all_logps, all_lengths = [r[1] for r in results], [r[2] for r in results]
+        all_refs = [r[3] for r in results if r[3] is not None]
+        tokens = sum(r[4] for r in results)
         update = backend.optimizer_step(lr, s.max_grad_norm)
         elapsed = time.perf_counter() - t0
         if run.objective is None:
@@ -134,7 +152,8 @@ def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWri
         collapsed = guards.collapse is not None and not bad and guards.collapse.update(record)
         if collapsed:
             record["collapse_warning"] = True
-        writer.write(record)
+        if rank == 0:
+            writer.write(record)
         if bad and not record["nonfinite_skipped"]:
             last = ckpt.latest_checkpoint(run_dir)
             where = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
@@ -154,5 +173,6 @@ def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWri
         if save_every and global_step % save_every == 0 and step + 1 < total and on_checkpoint:
             state = {"stage": run.name, "stage_step": step + 1, "global_step": global_step, "total_steps": total}
             on_checkpoint(run_dir / "checkpoints" / f"step-{global_step}", state)
-            ckpt.prune(run_dir, keep_last)
+            if rank == 0:
+                ckpt.prune(run_dir, keep_last)
     return global_step

@@ -9,13 +9,21 @@ import json
 import os
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from redi.backends.torch_cuda.logprobs import sequence_logps
+from redi.backends.torch_cuda import layers
+from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, flex_available, layer_mask_mapping,
+                                               packed_attention_mode)
+from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_optimizer_state, load_full_model_state,
+                                                 load_full_optimizer_state, shard)
+from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
+from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
+from redi.backends.torch_cuda.packing import pack
 from redi.batching import MicroBatch
 from redi.errors import UserError
 
@@ -60,15 +68,42 @@ def write_top_level_rope_theta(model_dir: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+@dataclass
+class TorchOptions:
+    """Speed and memory settings (config keys of the same names; see docs/cuda.md)."""
+
+    packing: bool = True  # padding-free rows with a document mask; false: right-padded batches (single process)
+    activation_checkpointing: str = "auto"  # none | full | N layers | auto | auto:GB (CUDA; the CPU never plans)
+    compile: bool = False  # torch.compile each decoder layer (CUDA); FlexAttention is always compiled on CUDA
+    optim_state_dtype: str = "fp32"  # fp32: torch AdamW (fused on CUDA); bf16: moments in bf16 (-4 B/param)
+    update_bucket_gb: float = 1.0  # CUDA: extra memory used to measure the update norm exactly
+
+
 class TorchBackend:
-    def __init__(self, device: str = "cpu", seed: int = 0):
+    def __init__(self, device: str = "cpu", seed: int = 0, **options: Any):
         self.name = device
-        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        self.dist = Dist("cuda" if device == "cuda" else "cpu")
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.device = self.dist.device()
         self.ops = TorchOps(self.device)
         self.seed = seed
+        self.options = TorchOptions()
+        self.configure(**options)
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._before: list[torch.Tensor] | None = None
+        self.last_checkpointed_layers = 0
+
+    def configure(self, **options: Any) -> None:
+        """Set ``TorchOptions`` fields; takes effect at the next ``load``."""
+        for key, value in options.items():
+            if not hasattr(self.options, key):
+                raise UserError(f"unknown torch backend option '{key}'")
+            setattr(self.options, key, value)
+        layers.parse_mode(self.options.activation_checkpointing)
+        if self.options.optim_state_dtype not in ("fp32", "bf16"):
+            raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
+        if self.world_size > 1 and not self.options.packing:
+            raise UserError("multi-process training needs packing=true")
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -78,51 +113,117 @@ class TorchBackend:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        self.model_path = model_path
-        self.lm_head_chunk = lm_head_chunk
         if precision == "bf16" and self.device.type != "cuda":
             raise UserError("precision bf16 needs --backend cuda; the CPU backend computes in fp32")
-        self.autocast = self.device.type == "cuda" and precision in ("auto", "bf16")
         torch.manual_seed(self.seed)
         try:
             # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution.
-            self.model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=torch.float32, attn_implementation="sdpa"
-            )
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
         except OSError as err:
             raise UserError(f"cannot load model from {model_path}: {str(err).splitlines()[0]}") from None
+        self.adopt(model, precision=precision, lm_head_chunk=lm_head_chunk, model_path=model_path)
+
+    def adopt(self, model: Any, *, precision: str = "auto", lm_head_chunk: int = 1024, model_path: str = "") -> None:
+        """Train an in-memory transformers causal LM (the benchmark's random-init models) instead of a folder."""
+        self.model_path = model_path
+        self.lm_head_chunk = lm_head_chunk
+        self.autocast = self.device.type == "cuda" and precision in ("auto", "bf16")
+        self.model = model.float()
+        self.model.config._attn_implementation = "sdpa"
+        self._prepare_model()
+
+    def _prepare_model(self) -> None:
+        """Device, train mode, dropout off, layer wrappers, FSDP2 sharding; the packed forward entry point."""
         self.model.to(self.device)
         self.model.config.use_cache = False
         self.model.train()
         for module in self.model.modules():  # TRL's disable_dropout, as the authors trained
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+        self.layers = list(self.model.get_decoder().layers)
+        layers.install(self.layers, compile_layers=self.options.compile and self.device.type == "cuda")
+        self.memory_model = layers.MemoryModel.of(self.model.config)
+        self.use_flex = self.device.type == "cuda" and flex_available()
+        model, original_forward = self.model, self.model.forward
+
+        def forward(*args: Any, redi_packed: dict | None = None, **kwargs: Any):
+            # Training enters through the root module so that FSDP2's hooks gather its parameters.
+            if redi_packed is None:
+                return original_forward(*args, **kwargs)
+            return packed_sequence_logps(model, **redi_packed)
+
+        self.model.forward = forward
+        if self.dist.enabled:
+            shard(self.model, self.layers)
+        self.optimizer = None
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (the loop gathers per-sequence statistics for the metrics)."""
+        return self.dist.all_gather_object(obj)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def save_model(self, path: str) -> None:
+    def save_model(self, path: str | None) -> None:
+        """Collective under multi-process (all ranks call it); only rank 0 writes."""
+        if self.dist.enabled:
+            state = full_model_state(self.model)
+            if self.rank == 0 and path is not None:
+                self._write_full_state(Path(path), state)
+            self.dist.barrier()
+            return
         out = Path(path)
         self.model.save_pretrained(out, safe_serialization=True)
+        self._finish_model_dir(out)
+
+    def _write_full_state(self, out: Path, state: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        if self.model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        self.model.config.save_pretrained(out)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(out)
+        self._finish_model_dir(out)
+
+    def _finish_model_dir(self, out: Path) -> None:
         write_top_level_rope_theta(out)
+        if not self.model_path:
+            return
         src = Path(self.model_path)
         for name in TOKENIZER_FILES:
             if (src / name).exists() and not (out / name).exists():
                 shutil.copy2(src / name, out / name)
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str | None) -> None:
+        if self.dist.enabled:
+            state = full_optimizer_state(self.model, self.optimizer) if self.optimizer else None
+            if self.rank == 0 and path is not None:
+                torch.save({"optimizer": state, "full": True}, os.path.join(path, "optimizer.pt"))
+            self.dist.barrier()
+            return
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None}, os.path.join(path, "optimizer.pt"))
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        state = load_file(os.path.join(path, "model.safetensors"), device=str(self.device))
+        state = load_file(os.path.join(path, "model.safetensors"), device="cpu" if self.dist.enabled else str(self.device))
+        opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu" if self.dist.enabled else self.device,
+                         weights_only=True)
+        if self.dist.enabled:
+            if self.model.config.tie_word_embeddings and "lm_head.weight" not in state:
+                state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            load_full_model_state(self.model, state)
+            if opt["optimizer"] is not None and self.optimizer is not None:
+                load_full_optimizer_state(self.model, self.optimizer, opt["optimizer"])
+            return
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise UserError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         if self.model.config.tie_word_embeddings:
             self.model.tie_weights()
-        opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
         if opt["optimizer"] is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(opt["optimizer"])
 
@@ -134,57 +235,92 @@ class TorchBackend:
             if p.requires_grad:
                 (no_decay if _no_decay(name, p) else decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+        self.optimizer = make_adamw(groups, self.device, self.options.optim_state_dtype)
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _tensors(self, batch: MicroBatch) -> dict[str, torch.Tensor]:
-        pad = self.model.config.pad_token_id
-        pad = pad if pad is not None else 0
-        return {k: torch.from_numpy(v).to(self.device) for k, v in batch.padded(pad).items()}
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
 
-    def _logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self._tensors(batch)
+    def _padded_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.model.config.pad_token_id
+        pad = pad if pad is not None else 0
+        t = {k: torch.from_numpy(v).to(self.device) for k, v in batch.padded(pad).items()}
         with self._autocast():
             return sequence_logps(self.model, t["input_ids"], t["attention_mask"], t["label_mask"], self.lm_head_chunk)
 
+    def _packed_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.model.config.pad_token_id
+        row = pack(batch, pad if pad is not None else 0)
+        dev = self.device
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
+        if self.use_flex:
+            mask = build_block_mask(row.doc_lens, dev)
+        else:
+            mask = DocumentMask(row.doc_lens, row.n_seqs)
+        if torch.is_grad_enabled():
+            self._plan_checkpointing(row.width)
+        inputs = {
+            "input_ids": put(row.input_ids)[None], "position_ids": put(row.position_ids)[None],
+            "attention_mask": layer_mask_mapping(self.model.config, mask), "score_pos": put(row.score_pos),
+            "targets": put(row.targets), "seq_of": put(row.seq_of), "n_seqs": row.n_seqs, "chunk": self.lm_head_chunk,
+        }
+        with self._autocast():
+            logps = self.model(redi_packed=inputs)
+        return logps, torch.from_numpy(row.lengths)
+
+    def _plan_checkpointing(self, tokens: int) -> None:
+        state_bytes = 2 if self.options.optim_state_dtype == "bf16" else 4
+        grads = any(p.grad is not None for p in self.model.parameters())
+        states = self.optimizer is not None and bool(self.optimizer.state)
+        static = 0.0
+        if self.device.type == "cuda":
+            static = layers.static_bytes_estimate(self.num_parameters(), self.world_size, state_bytes,
+                                                  grads_present=grads, states_present=states, layers=len(self.layers))
+        head = self.model.get_output_embeddings().weight
+        work = layers.lm_head_workspace(self.lm_head_chunk, head.shape[0], head.shape[1])
+        k = layers.plan(self.options.activation_checkpointing, self.memory_model, tokens, device=self.device,
+                        static_bytes=static, workspace_bytes=work)
+        layers.set_checkpointed(self.layers, k)
+        self.last_checkpointed_layers = k
+
+    def _logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._packed_logps(batch) if self.options.packing else self._padded_logps(batch)
+
     def forward_backward(self, batch: MicroBatch, loss_fn) -> tuple[np.ndarray, np.ndarray]:
-        logps, lengths = self._logps(batch)
-        loss = loss_fn(self.ops, logps, lengths.to(logps.dtype))
-        loss.backward()
+        # The packed attention stays routed through the backward pass: checkpointed layers re-run there.
+        with packed_attention_mode(self.model):
+            logps, lengths = self._logps(batch)
+            loss = loss_fn(self.ops, logps, lengths.to(device=logps.device, dtype=logps.dtype))
+            if self.dist.enabled:
+                loss = loss * self.world_size  # FSDP2 averages over ranks; each loss is already a global share
+            loss.backward()
         return logps.detach().double().cpu().numpy(), lengths.cpu().numpy()
 
     @torch.no_grad()
     def sequence_logps(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]:
-        logps, lengths = self._logps(batch)
+        with packed_attention_mode(self.model):
+            logps, lengths = self._logps(batch)
         return logps.double().cpu().numpy(), lengths.cpu().numpy()
 
     @torch.no_grad()
     def optimizer_step(self, lr: float, max_grad_norm: float) -> dict[str, float]:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
-        if max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grad_norm = grad_norm_and_clip(params, max_grad_norm, self.dist)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return {"grad_norm": float(grad_norm), "update_norm": float("nan"), "skipped": 1.0}
-        if self._before is None:
-            self._before = [p.detach().clone() for p in params]
-        else:
-            torch._foreach_copy_(self._before, [p.detach() for p in params])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        bucket = None
+        if self.device.type == "cuda":
+            bucket = max(1, int(self.options.update_bucket_gb * (1 << 30) / 4))
         # The paper's collapse signal: the norm of the parameter change this step made.
-        deltas = torch._foreach_sub([p.detach() for p in params], self._before)
-        update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(deltas)))
-        return {"grad_norm": float(grad_norm), "update_norm": float(update_norm)}
+        update_norm = step_with_norms(self.optimizer, params, self.dist, bucket)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "update_norm": update_norm}
 
     # ------------------------------------------------------------------ generation
 

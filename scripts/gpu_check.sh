@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The one prepared GPU check of the torch backend: run from the repo root on a machine with an NVIDIA GPU.
+#
+#   scripts/gpu_check.sh [all|tests|bench4k|bench16k]...      (default: all = tests bench4k bench16k)
+#
+# 1. installs the wheels carried in .whl/ (trl, datasets and their missing dependencies) into /tmp/site,
+#    and this repo (editable, no dependencies; a symlink fallback if pip cannot build it offline);
+# 2. tests: the CUDA tests (tests/test_cuda.py), then the CPU gates again under this machine's torch and
+#    transformers (packing, log-probs, 2-process gloo/FSDP2);
+# 3. bench4k / bench16k: scripts/bench.py --with-trl at max length 4,096 and 16,384 (trl_baseline.py is
+#    looked up in .whl/, shared/tools/ or ../shared/tools/, or $REDI_TRL_BASELINE), plus the longest pair.
+# Everything is written under $OUT (default ./gpu-out): gpu_check.log, env.txt, cuda_tests.log,
+# bench-4096.{md,json}, bench-16384.{md,json}. Each phase has its own time limit, so a slow phase cannot
+# eat the others; the whole default run is sized for ~8 minutes on one H100/H200.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
+log() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
+PHASES=("$@")
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
+want() { for p in "${PHASES[@]}"; do [ "$p" = all ] || [ "$p" = "$1" ] && return 0; done; return 1; }
+
+# ---------------------------------------------------------------- setup
+log "setup"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >>"$LOG" 2>&1; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        log "installed wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+    else
+        log "WARNING: installing .whl/ failed (TRL comparisons will report errors)"
+    fi
+fi
+if ! $PY -c "import redi.backends.torch_cuda.backend" 2>/dev/null; then
+    if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1; then
+        # No build backend offline: make the package layout by hand (redi.backends -> backends/, ...).
+        for d in backends cli configs; do [ -e "redi/$d" ] || ln -s "../$d" "redi/$d"; done
+        export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+        log "redi importable through symlinks (pip -e failed)"
+    fi
+fi
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    $PY - <<'EOF'
+import importlib, sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for name in ("transformers", "trl", "datasets", "accelerate", "pyarrow", "fsspec", "huggingface_hub", "triton"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as err:  # noqa: BLE001
+        print(name, "NOT IMPORTABLE:", type(err).__name__, str(err)[:200])
+import redi.backends.torch_cuda.backend as b
+print("redi backend from", b.__file__)
+EOF
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt" | tee -a "$LOG"
+TRL_FLAG=--with-trl
+found=""
+for f in "${REDI_TRL_BASELINE:-}" .whl/trl_baseline.py shared/tools/trl_baseline.py ../shared/tools/trl_baseline.py; do
+    [ -n "$f" ] && [ -f "$f" ] && found=$f && break
+done
+[ -n "$found" ] && log "TRL baseline: $found" || log "WARNING: trl_baseline.py not found: no TRL comparison"
+
+# ---------------------------------------------------------------- tests
+if want tests; then
+    log "CUDA tests"
+    timeout 300 $PY -m pytest -q -rA -s -p no:cacheprovider tests/test_cuda.py >"$OUT/cuda_tests.log" 2>&1
+    log "CUDA tests exit $? ($(tail -1 "$OUT/cuda_tests.log"))"
+    log "CPU gates under this torch/transformers"
+    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_packing.py tests/test_torch_logps.py \
+        tests/test_distributed.py >>"$OUT/cuda_tests.log" 2>&1
+    log "CPU gates exit $? ($(tail -1 "$OUT/cuda_tests.log"))"
+fi
+
+# ---------------------------------------------------------------- benchmarks
+LEN4K="--max-len 4096"; LEN16K="--max-len 16384"; LONGEST="--longest 19800 32768"; SMOKE=""
+if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ]; then
+    log "no CUDA here: the bench phases run as CPU smoke checks (--tiny)"
+    SMOKE=--tiny; LEN4K="--max-len 256"; LEN16K="--max-len 512"; LONGEST="--longest 512"
+fi
+if want bench4k; then
+    log "bench at 4k"
+    timeout 330 $PY scripts/bench.py $SMOKE $LEN4K --steps 4 --warmup 2 --out "$OUT" $TRL_FLAG --trl-runs simpo,sft,dpo \
+        --runs "sft,redi,dpo,simpo,redi+micro_pairs=1+activation_checkpointing=auto:24+optim_state_dtype=bf16,redi+compile=true" \
+        >>"$LOG" 2>&1
+    log "bench 4k exit $?"
+fi
+if want bench16k; then
+    log "bench at 16k"
+    timeout 330 $PY scripts/bench.py $SMOKE $LEN16K --steps 3 --warmup 1 --out "$OUT" $TRL_FLAG --trl-runs simpo \
+        --runs "redi,sft,redi+activation_checkpointing=auto:40+optim_state_dtype=bf16" $LONGEST \
+        >>"$LOG" 2>&1
+    log "bench 16k exit $?"
+fi
+for f in "$OUT"/bench-*.md; do [ -e "$f" ] && { echo; cat "$f"; } | tee -a "$LOG"; done
+log "done"
