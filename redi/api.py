@@ -88,7 +88,8 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         state = resume_point(run_dir, len(stages) == 2)
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
-    backend = backend or make_backend(cfg.backend, cfg.seed)
+    backend = backend or make_backend(cfg.backend, cfg.seed, lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale,
+                                      lora_dora=cfg.lora_dora)
     if hasattr(backend, "configure"):  # the torch backend's speed/memory keys (docs/cuda.md)
         backend.configure(packing=cfg.packing, activation_checkpointing=cfg.activation_checkpointing,
                           compile=cfg.compile, optim_state_dtype=cfg.optim_state_dtype)

@@ -57,9 +57,12 @@ def default_backend() -> str:
     return "cpu"
 
 
-def make_backend(name: str, seed: int = 0) -> Backend:
+def make_backend(name: str, seed: int = 0, **mlx_options) -> Backend:
+    """``mlx_options`` (lora_rank, lora_scale, lora_dora) go to the MLX backend only."""
     name = name or default_backend()
     if name in ("cpu", "cuda"):
+        if mlx_options.get("lora_rank") or mlx_options.get("lora_dora"):
+            raise UserError(f"lora_rank and lora_dora need --backend mlx; --backend {name} trains all weights")
         if importlib.util.find_spec("torch") is None:
             raise UserError(f"--backend {name} needs PyTorch: pip install 'redi[torch]' (or torch==2.13.0 for CPU)")
         if name == "cuda" and not _cuda_available():
@@ -75,7 +78,7 @@ def make_backend(name: str, seed: int = 0) -> Backend:
             from redi.backends.mlx.backend import MLXBackend
         except ModuleNotFoundError as err:
             raise UserError(f"--backend mlx is not available in this build ({err})") from None
-        return MLXBackend(seed=seed)
+        return MLXBackend(seed=seed, **mlx_options)
     raise UserError(f"unknown backend '{name}'; valid backends: cpu, cuda, mlx")
 
 

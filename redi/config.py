@@ -54,6 +54,9 @@ class Config:
     system_prompt: str = ""  # injected as a system turn for conversational rows when set
     precision: str = "auto"  # auto: bf16 autocast over fp32 weights on CUDA, fp32 elsewhere
     lm_head_chunk: int = 1024  # completion tokens per LM-head chunk; never full [tokens x vocab] logits
+    lora_rank: int = 0  # mlx: >0 trains rank-r LoRA adapters on every linear layer of every block, base frozen
+    lora_scale: float = 20.0  # mlx-lm's LoRA scale (it multiplies the adapter output; not PEFT's alpha)
+    lora_dora: bool = False  # mlx: DoRA instead of LoRA
     log_every: int = 1
     skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient (skipped, logged)
     stop_on_collapse: bool = False
@@ -192,6 +195,10 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"unknown stage '{cfg.stage}'; valid stages: {', '.join(STAGES)}")
     if cfg.objective not in PAIR_OBJECTIVES:
         raise UserError(f"unknown objective '{cfg.objective}'; valid objectives: {', '.join(PAIR_OBJECTIVES)}")
+    if cfg.lora_rank < 0:
+        raise UserError(f"config key 'lora_rank' is out of range: {cfg.lora_rank!r}")
+    if (cfg.lora_rank or cfg.lora_dora) and cfg.backend in ("cpu", "cuda"):
+        raise UserError("lora_rank and lora_dora need --backend mlx for now")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{cfg.precision}'")
     if cfg.on_malformed not in ("error", "skip"):

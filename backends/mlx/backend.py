@@ -1,0 +1,279 @@
+"""MLX backend: the torch backend's semantics on Apple silicon (and on Linux through mlx[cpu]).
+
+fp32 master weights and AdamW state (bf16 compute and bf16 moments as options); gradients of each
+micro-batch are accumulated in fp32 until ``optimizer_step``; the LM head streams over completion
+positions only (``logprobs.py``); padding is rounded to ``PAD_MULTIPLE`` so MLX sees few distinct shapes;
+activation checkpointing is planned per micro-batch (``checkpointing.py``). LoRA/DoRA come from mlx-lm's
+tuner. Checkpoints are HF directories (``io.py``). Parity with the torch backend: tests/test_mlx_backend.py.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from redi.backends.mlx import checkpointing, io, logprobs
+from redi.backends.mlx.generate import generate_batch
+from redi.backends.mlx.optim import AdamW, clip_by_global_norm
+from redi.batching import MicroBatch
+from redi.errors import UserError
+
+# mlx-lm's trainer rounds to 32 too: bounded padding waste and a bounded number of shapes per run.
+PAD_MULTIPLE = 32
+OPTIMIZER_FILE = "optimizer.safetensors"
+ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapter_config.json"
+
+
+class MLXOps:
+    """The objectives' array ops on MLX arrays (fp32)."""
+
+    @staticmethod
+    def log_sigmoid(x: mx.array) -> mx.array:
+        return -mx.logaddexp(0.0, -x)
+
+    @staticmethod
+    def mean(x: mx.array) -> mx.array:
+        return mx.mean(x)
+
+    @staticmethod
+    def sum(x: mx.array) -> mx.array:
+        return mx.sum(x)
+
+    @staticmethod
+    def asarray(x: Any) -> mx.array:
+        return mx.array(np.asarray(x, dtype=np.float32))
+
+
+@dataclass
+class MLXOptions:
+    """The speed/memory config keys the core hands every backend (``configure``), read the MLX way."""
+
+    packing: bool = True  # accepted for the shared config; MLX always runs right-padded, 32-rounded batches
+    activation_checkpointing: str = "auto"  # none | full | N | auto | auto:GB (auto plans on Apple GPUs only)
+    compile: bool = False  # mx.compile the log-prob graph; bit-identical, no gain measured with varying shapes
+    optim_state_dtype: str = "fp32"  # AdamW moments: fp32, or bf16 (as the torch backend's option)
+
+
+class MLXBackend:
+    def __init__(self, seed: int = 0, *, lora_rank: int = 0, lora_scale: float = 20.0, lora_dora: bool = False,
+                 lora_keys: list[str] | None = None, **options: Any):
+        self.name = "mlx"
+        self.ops = MLXOps()
+        self.seed = seed
+        self.lora = {"rank": lora_rank, "scale": lora_scale, "dropout": 0.0, "keys": lora_keys} if lora_rank else None
+        self.lora_dora = lora_dora
+        self.options = MLXOptions()
+        self.configure(**options)
+        self.model: Any = None
+        self.optimizer: AdamW | None = None
+        self._grads: dict[str, mx.array] | None = None
+
+    def configure(self, **options: Any) -> None:
+        """Set ``MLXOptions`` fields (the core passes its config keys); takes effect at the next ``load``."""
+        for key, value in options.items():
+            if not hasattr(self.options, key):
+                raise UserError(f"unknown mlx backend option '{key}'")
+            setattr(self.options, key, value)
+        checkpointing.parse_mode(self.options.activation_checkpointing)
+        if self.options.optim_state_dtype not in ("fp32", "bf16"):
+            raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
+
+    # ------------------------------------------------------------------ loading and saving
+
+    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
+        if precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"precision must be auto, fp32 or bf16, got '{precision}'")
+        # auto is fp32 here: MLX has no autocast, and bf16 pays off only on Apple GPUs.
+        self.compute_dtype = mx.bfloat16 if precision == "bf16" else mx.float32
+        self.lm_head_chunk = lm_head_chunk
+        mx.random.seed(self.seed)
+        self.model, self.config, self.source = io.load_model(model_path)
+        self.model.eval()  # dropout off, as TRL's disable_dropout does for the torch backend
+        self._check_head()
+        if self.lora:
+            from mlx_lm.tuner.utils import linear_to_lora_layers
+
+            self.model.freeze()
+            config = {k: v for k, v in self.lora.items() if v is not None}
+            linear_to_lora_layers(self.model, len(self.model.layers), config, use_dora=self.lora_dora)
+            self.model.set_dtype(mx.float32)
+            if self.compute_dtype != mx.float32:
+                # The frozen base receives no updates, so it can live in the compute dtype (released
+                # checkpoints are bf16 anyway); only the adapters keep fp32 masters.
+                trainable = set(self._trainable())
+                self.model.load_weights([(k, v.astype(self.compute_dtype)) for k, v in
+                                         tree_flatten(self.model.parameters()) if k not in trainable], strict=False)
+            mx.eval(self.model.parameters())
+        if checkpointing.parse_mode(self.options.activation_checkpointing)[0] != "none":
+            checkpointing.install(self.model.layers)
+        self._fn = self._make_logps_fn()
+        self.optimizer, self._grads, self.checkpointed_layers = None, None, 0
+
+    def _check_head(self) -> None:
+        """Refuse architectures whose logits are not ``lm_head(model.model(x))`` (e.g. soft-capped logits)."""
+        ids = mx.array([[1, 2, 3, 4]], dtype=mx.int32)
+        try:
+            want = self.model(ids)[0, :-1].astype(mx.float32)
+            want = mx.take_along_axis(want, ids[0, 1:, None], -1)[:, 0] - mx.logsumexp(want, -1)
+            hidden = logprobs.decoder_hidden(self.model, ids)[0, :-1]
+            got = logprobs.token_logps(self.model, hidden, ids[0, 1:], 4, checkpoint=False)
+            ok = bool(mx.allclose(want, got, atol=1e-4))
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"--backend mlx does not support {self.config.get('model_type')} models yet "
+                            "(logits are not lm_head(model.model(x)))")
+
+    def num_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.model.parameters()))
+
+    def save_model(self, path: str) -> None:
+        io.save_model(self.model, self.config, self.source, Path(path))
+
+    def save_state(self, path: str) -> None:
+        out = Path(path)
+        if self.lora:
+            mx.save_safetensors(str(out / ADAPTER_FILE), dict(tree_flatten(self.model.trainable_parameters())))
+            cfg = {"fine_tune_type": "dora" if self.lora_dora else "lora", "num_layers": len(self.model.layers),
+                   "lora_parameters": self.lora}
+            (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+        if self.optimizer is not None:
+            arrays, metadata = self.optimizer.state()
+            mx.save_safetensors(str(out / OPTIMIZER_FILE), arrays, metadata=metadata)
+
+    def load_state(self, path: str) -> None:
+        folder = Path(path)
+        if self.lora:
+            # The checkpoint's model.safetensors has the adapters fused in; resume from base + adapters.
+            self.model.load_weights(str(folder / ADAPTER_FILE), strict=False)
+        else:
+            io.load_weights(self.model, folder)
+        if (folder / OPTIMIZER_FILE).exists() and self.optimizer is not None:
+            arrays, metadata = mx.load(str(folder / OPTIMIZER_FILE), return_metadata=True)
+            try:
+                self.optimizer.load(arrays, metadata)
+            except KeyError as err:
+                raise UserError(f"checkpoint {path}: {err.args[0]}") from None
+        mx.eval(self.model.parameters())
+
+    # ------------------------------------------------------------------ training
+
+    def _trainable(self) -> dict[str, mx.array]:
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def start_stage(self, *, weight_decay: float) -> None:
+        state_dtype = mx.bfloat16 if self.options.optim_state_dtype == "bf16" else mx.float32
+        self.optimizer = AdamW(self._trainable(), weight_decay, state_dtype=state_dtype)
+        self._grads = None
+
+    def _make_logps_fn(self):
+        """S as a function of (trainable params, batch arrays); compiled when asked and differentiable."""
+        model, chunk, dtype = self.model, self.lm_head_chunk, self.compute_dtype
+
+        def logps(params, ids, positions, targets, segments):
+            if dtype != mx.float32:
+                params = tree_map(lambda p: p.astype(dtype), params)
+            model.update(params)
+            return logprobs.sequence_logps(model, ids, positions, targets, segments, chunk, differentiable=True)
+
+        if not self.options.compile:
+            return logps
+
+        compiled = mx.compile(logps)
+
+        def run(params, *arrays):
+            # Tracing swaps placeholders into the model; put the real arrays back whatever happens.
+            try:
+                return compiled(params, *arrays)
+            finally:
+                model.update(params)
+
+        return run
+
+    def _scored(self, batch: MicroBatch) -> logprobs.Scored:
+        pad = self.config.get("pad_token_id")
+        return logprobs.scored_positions(batch.padded(pad if pad is not None else 0, PAD_MULTIPLE))
+
+    def _plan_checkpointing(self, scored: logprobs.Scored) -> None:
+        if checkpointing.parse_mode(self.options.activation_checkpointing)[0] == "none":
+            return
+        b, w = scored.input_ids.shape
+        trainable = sum(v.nbytes for v in self._trainable().values())  # fp32
+        state = 2 * trainable * (2 if self.options.optim_state_dtype == "bf16" else 4) // 4  # m and v
+        copy = trainable * self.compute_dtype.size // 4 if self.compute_dtype != mx.float32 else 0  # cast weights
+        # weights + gradient accumulator + a fresh micro-batch gradient + AdamW moments + the compute copy
+        static = sum(v.nbytes for _, v in tree_flatten(self.model.parameters())) + 2 * trainable + state + copy
+        self.checkpointed_layers = checkpointing.plan(
+            self.options.activation_checkpointing, self.config, tokens=b * w, width=w, seqs=b, static_bytes=static,
+            compute_bytes=self.compute_dtype.size, lm_head_chunk=self.lm_head_chunk)
+        checkpointing.apply(self.model.layers, self.checkpointed_layers)
+
+    def forward_backward(self, batch: MicroBatch, loss_fn) -> tuple[np.ndarray, np.ndarray]:
+        scored = self._scored(batch)
+        self._plan_checkpointing(scored)
+        lengths = mx.array(scored.lengths.astype(np.float32))
+        params = self.model.trainable_parameters()
+
+        def loss_of(p):
+            s = self._fn(p, *scored.arrays())
+            return loss_fn(self.ops, s, lengths), s
+
+        try:
+            (_, s), grads = mx.value_and_grad(loss_of)(params)
+        finally:
+            self.model.update(params)  # the fp32 masters, not the (cast) arrays seen while differentiating
+        grads = dict(tree_flatten(grads))
+        self._grads = grads if self._grads is None else {k: self._grads[k] + g for k, g in grads.items()}
+        mx.eval(s, self._grads)
+        return np.array(s, dtype=np.float64), scored.lengths
+
+    def sequence_logps(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]:
+        scored = self._scored(batch)
+        params = self.model.trainable_parameters()
+        if self.compute_dtype != mx.float32:
+            # DPO's reference must see the precision training sees, or S - R starts off zero.
+            self.model.update(tree_map(lambda p: p.astype(self.compute_dtype), params))
+        try:
+            s = logprobs.sequence_logps(self.model, *scored.arrays(), self.lm_head_chunk, differentiable=False)
+            mx.eval(s)
+        finally:
+            self.model.update(params)
+        return np.array(s, dtype=np.float64), scored.lengths
+
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> dict[str, float]:
+        if self._grads is None:
+            raise RuntimeError("optimizer_step before any forward_backward")
+        grads, grad_norm = clip_by_global_norm(self._grads, max_grad_norm)
+        self._grads = None
+        mx.eval(grad_norm)
+        if not np.isfinite(float(grad_norm)):
+            return {"grad_norm": float(grad_norm), "update_norm": float("nan"), "skipped": 1.0}
+        self.optimizer.begin_step()
+        norms = []
+        current = self._trainable()
+        for name in list(current):
+            before = current.pop(name)  # popped, so the old tensor dies once the model lets go of it
+            after = self.optimizer.update_one(name, before, grads.pop(name), lr)
+            # The paper's collapse signal: the norm of the parameter change this step made.
+            norms.append(mx.sqrt(mx.sum(mx.square(after - before))))
+            mx.eval(after, self.optimizer.m[name], self.optimizer.v[name], norms[-1])
+            self.model.load_weights([(name, after)], strict=False)  # frees the old tensor as we go
+        update_norm = mx.sqrt(mx.sum(mx.square(mx.stack(norms))))  # as torch: the norm of per-tensor norms
+        return {"grad_norm": float(grad_norm), "update_norm": float(update_norm)}
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
+        key = mx.random.key(seed)
+        outputs: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            key, sub = mx.random.split(key)
+            outputs.extend(generate_batch(self.model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p, key=sub, eos_id=eos_id))
+        return outputs

@@ -1,0 +1,94 @@
+"""Activation checkpointing per decoder layer, decided per micro-batch (the config's ``activation_checkpointing``).
+
+Modes as in the torch backend: ``none``, ``full``, ``N`` (the first N layers), ``auto`` and ``auto:GB``.
+``auto`` plans only on an Apple GPU, against Metal's recommended working set (or the GB cap); on a CPU it
+checkpoints nothing, as the torch backend does. The per-token byte counts are those of ``memory.py``.
+
+The layers' class is swapped per instance (``layer.__class__``), never patched: mlx-lm's ``grad_checkpoint``
+rewrites ``__call__`` on the class itself, which changes every model of that class in the process.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from redi.errors import UserError
+
+GB = 1e9
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _checkpointed_class(base: type) -> type:
+    if base not in _SUBCLASSES:
+        def __call__(self, x, mask=None, cache=None, **kwargs):
+            # Generation (a KV cache) and unplanned layers take the plain path.
+            if cache is not None or kwargs or not getattr(self, "redi_checkpoint", False):
+                return base.__call__(self, x, mask, cache, **kwargs)
+            return nn.utils.checkpoint(self, lambda h, m: base.__call__(self, h, m))(x, mask)
+
+        _SUBCLASSES[base] = type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})
+    return _SUBCLASSES[base]
+
+
+def install(layers: list[nn.Module]) -> None:
+    for layer in layers:
+        layer.__class__ = _checkpointed_class(type(layer))
+        layer.redi_checkpoint = False
+
+
+def apply(layers: list[nn.Module], count: int) -> None:
+    """Checkpoint the first ``count`` layers (their saved inputs live longest) and run the rest plainly."""
+    for i, layer in enumerate(layers):
+        layer.redi_checkpoint = i < count
+
+
+def parse_mode(mode: str | int) -> tuple[str, float | None]:
+    text = str(mode).strip().lower()
+    if text in ("none", "full", "auto"):
+        return text, None
+    if text.startswith("auto:"):
+        try:
+            return "auto", float(text.split(":", 1)[1])
+        except ValueError:
+            pass
+    if text.isdigit():
+        return "count", float(text)
+    raise UserError(f"activation_checkpointing must be none, full, auto, auto:GB or a layer count, got {mode!r}")
+
+
+def activation_bytes(config: dict, tokens: int, width: int, seqs: int, checkpointed: int, compute_bytes: int,
+                     lm_head_chunk: int) -> float:
+    """Peak activation bytes of one micro-batch with the first ``checkpointed`` layers recomputed."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads) * (h // heads)
+    internals = (7 * h + 2 * kv + 4 * inter) * compute_bytes  # per token, one layer's forward tensors
+    attention = heads * width * width * seqs * compute_bytes  # one [heads, T, T] matrix per sequence
+    kept = (layers - checkpointed) * (tokens * internals + attention) + checkpointed * tokens * h * compute_bytes
+    # One layer recomputed with its gradients, its unfused attention backward, one LM-head chunk.
+    transient = 2 * tokens * internals + 4 * attention + 12 * lm_head_chunk * config["vocab_size"]
+    return kept + transient
+
+
+def plan(mode: str, config: dict, *, tokens: int, width: int, seqs: int, static_bytes: float,
+         compute_bytes: int, lm_head_chunk: int, budget_bytes: float | None = None) -> int:
+    """How many layers to checkpoint for this micro-batch."""
+    kind, value = parse_mode(mode)
+    n = config["num_hidden_layers"]
+    if kind == "none":
+        return 0
+    if kind == "full":
+        return n
+    if kind == "count":
+        return max(0, min(n, int(value)))
+    if budget_bytes is None:
+        if not mx.metal.is_available():
+            return 0  # a CPU: host memory, no planning (as the torch backend)
+        budget_bytes = 0.9 * mx.device_info().get("max_recommended_working_set_size", 0)
+        if value:
+            budget_bytes = min(budget_bytes, value * GB)
+    free = budget_bytes - static_bytes
+    for k in range(n + 1):
+        if activation_bytes(config, tokens, width, seqs, k, compute_bytes, lm_head_chunk) <= free:
+            return k
+    return n
