@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--resume {resume}: no config.yaml there; not a redi run folder")
             config = config or resume / "config.yaml"
             output = str(resume)
+        demo = config is None and model is None and data is None and resume is None
         cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
                            save_every, overrides)
         if keep_last is not None:
@@ -78,5 +79,11 @@ def register(app: typer.Typer) -> None:
             cfg.skip_nonfinite = skip_nonfinite
         if stop_on_collapse:
             cfg.stop_on_collapse = True
+        if demo and cfg.model == "builtin:demo":
+            # No model, data or recipe given: the built-in demo (data -> SFT -> REDI -> held-out evaluation).
+            from redi.demo import run_demo
+
+            run_demo(cfg)
+            return
         summary = run_train(cfg, resume=resume is not None, force=force)
         typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")
