@@ -209,9 +209,7 @@ def validate(cfg: Config) -> Config:
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
     if cfg.precision == "bf16" and cfg.backend == "cpu":
         raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
-    if not re.fullmatch(r"none|full|auto|auto:\d+(\.\d+)?|\d+", str(cfg.activation_checkpointing).strip().lower()):
-        raise UserError(f"config key 'activation_checkpointing' must be none, full, auto, auto:GB or a number of "
-                        f"layers, got '{cfg.activation_checkpointing}'")
+    checkpointing_mode(cfg.activation_checkpointing)
     if cfg.optim_state_dtype not in ("fp32", "bf16"):
         raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{cfg.optim_state_dtype}'")
     if cfg.collapse_window < 2:
@@ -243,6 +241,27 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_growth") else 0):
             raise UserError(f"config key '{key}' is out of range: {getattr(cfg, key)!r}")
     return cfg
+
+
+def checkpointing_mode(mode: str | int) -> tuple[str, float | None]:
+    """``activation_checkpointing`` parsed once for every backend: ("none"|"full"|"auto"|"count", value)."""
+    text = str(mode).strip().lower()
+    if text in ("none", "full", "auto"):
+        return text, None
+    if re.fullmatch(r"auto:\d+(\.\d+)?", text):
+        return "auto", float(text.split(":", 1)[1])
+    if text.isdigit():
+        return "count", float(text)
+    raise UserError(f"config key 'activation_checkpointing' must be none, full, auto, auto:GB or a number of "
+                    f"layers, got '{mode}'")
+
+
+def fixed_checkpoint_layers(mode: str | int, n_layers: int) -> int | None:
+    """Layers to recompute when the mode alone decides it; None for auto, where the backend plans."""
+    kind, value = checkpointing_mode(mode)
+    if kind == "auto":
+        return None
+    return {"none": 0, "full": n_layers}.get(kind, max(0, min(n_layers, int(value or 0))))
 
 
 def to_dict(cfg: Config) -> dict:

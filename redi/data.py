@@ -241,28 +241,31 @@ def _chunks(rows: Iterator[tuple[int, Any]], size: int = 512) -> Iterator[list[t
         yield buf
 
 
+def _parse_chunk(chunk: list[tuple[int, Any]], report: DataReport, on_malformed: str, parse) -> list[tuple]:
+    """(row number, *parse(row)) for the well-formed rows; the others are counted, listed or refused."""
+    parsed = []
+    for n, row in chunk:
+        report.rows += 1
+        try:
+            if isinstance(row, Exception):
+                raise row
+            if not isinstance(row, dict):
+                raise ValueError("row is not a JSON object")
+            parsed.append((n, *parse(row)))
+        except ValueError as err:
+            _malformed(report, n, str(err), on_malformed)
+    return parsed
+
+
 def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed: str = "error"
              ) -> tuple[list[TokenizedSeq], DataReport]:
     """SFT examples; rows longer than max_length are right-truncated (and counted), as the authors did."""
     report = DataReport(str(source), "sft")
     out: list[TokenizedSeq] = []
     pair_file = Path(str(source)).name.startswith("pairs.")
+    fields = (lambda row: pair_fields(row)[:2]) if pair_file else sft_fields
     for chunk in _chunks(iter_rows(source)):
-        texts: list[tuple[int, str, str]] = []
-        for n, row in chunk:
-            report.rows += 1
-            try:
-                if isinstance(row, Exception):
-                    raise row
-                if not isinstance(row, dict):
-                    raise ValueError("row is not a JSON object")
-                if pair_file:
-                    prompt, completion, _ = pair_fields(row)
-                else:
-                    prompt, completion = sft_fields(row)
-                texts.append((n, *encoder.texts(prompt, completion)))
-            except ValueError as err:
-                _malformed(report, n, str(err), on_malformed)
+        texts = _parse_chunk(chunk, report, on_malformed, lambda row: encoder.texts(*fields(row)))
         prompts = encoder.encode_many([t[1] for t in texts])
         completions = encoder.encode_many([t[2] for t in texts])
         for (n, _, _), p_ids, c_ids in zip(texts, prompts, completions):
@@ -283,21 +286,13 @@ def load_pairs(source: Path | str, encoder: Encoder, max_length: int, max_prompt
     """Pair examples; a pair whose prompt + either response exceeds max_length is dropped, never truncated."""
     report = DataReport(str(source), "pairs")
     out: list[TokenizedPair] = []
+    def pair_texts(row: dict) -> tuple[str, str, str]:
+        prompt, chosen, rejected = pair_fields(row)
+        p_text, c_text = encoder.texts(prompt, chosen)
+        return p_text, c_text, encoder.texts(prompt, rejected)[1]
+
     for chunk in _chunks(iter_rows(source)):
-        texts: list[tuple[int, str, str, str]] = []
-        for n, row in chunk:
-            report.rows += 1
-            try:
-                if isinstance(row, Exception):
-                    raise row
-                if not isinstance(row, dict):
-                    raise ValueError("row is not a JSON object")
-                prompt, chosen, rejected = pair_fields(row)
-                p_text, c_text = encoder.texts(prompt, chosen)
-                _, r_text = encoder.texts(prompt, rejected)
-                texts.append((n, p_text, c_text, r_text))
-            except ValueError as err:
-                _malformed(report, n, str(err), on_malformed)
+        texts = _parse_chunk(chunk, report, on_malformed, pair_texts)
         prompts = encoder.encode_many([t[1] for t in texts])
         chosens = encoder.encode_many([t[2] for t in texts])
         rejecteds = encoder.encode_many([t[3] for t in texts])

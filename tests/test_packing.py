@@ -222,9 +222,13 @@ def test_checkpoint_plan_fits_budget():
     mm = layers.MemoryModel(hidden=1536, kv=256, intermediate=8960, layers=28)
     none, full = mm.activation_bytes(16384, 0), mm.activation_bytes(16384, 28)
     assert full < none / 10
-    assert layers.parse_mode("auto:24") == ("auto", 24.0) and layers.parse_mode("7") == ("count", 7)
-    with pytest.raises(ValueError):
-        layers.parse_mode("sometimes")
+    from redi.config import checkpointing_mode, fixed_checkpoint_layers
+    from redi.errors import UserError
+
+    assert checkpointing_mode("auto:24") == ("auto", 24.0) and checkpointing_mode("7") == ("count", 7)
+    assert [fixed_checkpoint_layers(m, 28) for m in ("none", "full", "7", "99", "auto")] == [0, 28, 7, 28, None]
+    with pytest.raises(UserError):
+        checkpointing_mode("sometimes")
     fake = [torch.nn.Module() for _ in range(5)]
     layers.set_checkpointed(fake, 2)
     assert sum(m._redi_checkpoint for m in fake) == 2

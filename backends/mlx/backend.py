@@ -21,6 +21,7 @@ from redi.backends.mlx import checkpointing, io, logprobs
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
 from redi.batching import MicroBatch
+from redi.config import checkpointing_mode
 from redi.errors import UserError
 
 # mlx-lm's trainer rounds to 32 too: bounded padding waste and a bounded number of shapes per run.
@@ -79,7 +80,7 @@ class MLXBackend:
             if not hasattr(self.options, key):
                 raise UserError(f"unknown mlx backend option '{key}'")
             setattr(self.options, key, value)
-        checkpointing.parse_mode(self.options.activation_checkpointing)
+        checkpointing_mode(self.options.activation_checkpointing)
         if self.options.optim_state_dtype not in ("fp32", "bf16"):
             raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
 
@@ -109,7 +110,7 @@ class MLXBackend:
                 self.model.load_weights([(k, v.astype(self.compute_dtype)) for k, v in
                                          tree_flatten(self.model.parameters()) if k not in trainable], strict=False)
             mx.eval(self.model.parameters())
-        if checkpointing.parse_mode(self.options.activation_checkpointing)[0] != "none":
+        if checkpointing_mode(self.options.activation_checkpointing)[0] != "none":
             checkpointing.install(self.model.layers)
         self._fn = self._make_logps_fn()
         self.optimizer, self._grads, self.checkpointed_layers = None, None, 0
@@ -200,7 +201,7 @@ class MLXBackend:
         return logprobs.scored_positions(batch.padded(pad if pad is not None else 0, PAD_MULTIPLE))
 
     def _plan_checkpointing(self, scored: logprobs.Scored) -> None:
-        if checkpointing.parse_mode(self.options.activation_checkpointing)[0] == "none":
+        if checkpointing_mode(self.options.activation_checkpointing)[0] == "none":
             return
         b, w = scored.input_ids.shape
         trainable = sum(v.nbytes for v in self._trainable().values())  # fp32

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from redi.errors import UserError
+from redi.config import checkpointing_mode, fixed_checkpoint_layers
 
 GB = 1e9
 _SUBCLASSES: dict[type, type] = {}
@@ -42,20 +42,6 @@ def apply(layers: list[nn.Module], count: int) -> None:
         layer.redi_checkpoint = i < count
 
 
-def parse_mode(mode: str | int) -> tuple[str, float | None]:
-    text = str(mode).strip().lower()
-    if text in ("none", "full", "auto"):
-        return text, None
-    if text.startswith("auto:"):
-        try:
-            return "auto", float(text.split(":", 1)[1])
-        except ValueError:
-            pass
-    if text.isdigit():
-        return "count", float(text)
-    raise UserError(f"activation_checkpointing must be none, full, auto, auto:GB or a layer count, got {mode!r}")
-
-
 def activation_bytes(config: dict, tokens: int, width: int, seqs: int, checkpointed: int, compute_bytes: int,
                      lm_head_chunk: int) -> float:
     """Peak activation bytes of one micro-batch with the first ``checkpointed`` layers recomputed."""
@@ -73,14 +59,11 @@ def activation_bytes(config: dict, tokens: int, width: int, seqs: int, checkpoin
 def plan(mode: str, config: dict, *, tokens: int, width: int, seqs: int, static_bytes: float,
          compute_bytes: int, lm_head_chunk: int, budget_bytes: float | None = None) -> int:
     """How many layers to checkpoint for this micro-batch."""
-    kind, value = parse_mode(mode)
     n = config["num_hidden_layers"]
-    if kind == "none":
-        return 0
-    if kind == "full":
-        return n
-    if kind == "count":
-        return max(0, min(n, int(value)))
+    fixed = fixed_checkpoint_layers(mode, n)
+    if fixed is not None:
+        return fixed
+    value = checkpointing_mode(mode)[1]
     if budget_bytes is None:
         if not mx.metal.is_available():
             return 0  # a CPU: host memory, no planning (as the torch backend)

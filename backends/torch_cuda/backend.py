@@ -25,6 +25,7 @@ from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_lo
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
 from redi.batching import MicroBatch
+from redi.config import checkpointing_mode
 from redi.errors import UserError
 
 TOKENIZER_FILES = (
@@ -99,7 +100,7 @@ class TorchBackend:
             if not hasattr(self.options, key):
                 raise UserError(f"unknown torch backend option '{key}'")
             setattr(self.options, key, value)
-        layers.parse_mode(self.options.activation_checkpointing)
+        checkpointing_mode(self.options.activation_checkpointing)
         if self.options.optim_state_dtype not in ("fp32", "bf16"):
             raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
         if self.world_size > 1 and not self.options.packing:

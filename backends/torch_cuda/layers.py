@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from redi.config import checkpointing_mode, fixed_checkpoint_layers
+
 GIB = 1 << 30
 
 
@@ -89,28 +91,14 @@ class MemoryModel:
                    config.num_hidden_layers)
 
 
-def parse_mode(mode: str | int) -> tuple[str, float | int | None]:
-    text = str(mode).strip().lower()
-    if text in ("none", "full", "auto"):
-        return text, None
-    if text.startswith("auto:"):
-        return "auto", float(text.split(":", 1)[1])
-    if text.isdigit():
-        return "count", int(text)
-    raise ValueError(f"activation_checkpointing must be none, full, auto, auto:GB or a layer count, got {mode!r}")
-
-
 def plan(mode: str | int, model_memory: MemoryModel, tokens: int, *, device: torch.device,
          static_bytes: float, workspace_bytes: float) -> int:
     """How many layers to checkpoint for a micro-batch of ``tokens`` tokens."""
-    kind, value = parse_mode(mode)
     n = model_memory.layers
-    if kind == "none":
-        return 0
-    if kind == "full":
-        return n
-    if kind == "count":
-        return max(0, min(n, int(value)))
+    fixed = fixed_checkpoint_layers(mode, n)
+    if fixed is not None:
+        return fixed
+    value = checkpointing_mode(mode)[1]
     if device.type != "cuda":
         return 0  # the CPU path: host memory, no planning
     total = torch.cuda.get_device_properties(device).total_memory
