@@ -70,7 +70,8 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--resume {resume}: no config.yaml there; not a redi run folder")
             config = config or resume / "config.yaml"
             output = str(resume)
-        demo = config is None and model is None and data is None and resume is None
+        # Nothing but presentation flags given: the demo pipeline. Any --stage means plain training instead.
+        demo = config is None and model is None and data is None and resume is None and stage is None
         cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
                            save_every, overrides)
         if keep_last is not None:
