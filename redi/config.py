@@ -60,11 +60,13 @@ class Config:
     log_every: int = 1
     skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient (skipped, logged)
     stop_on_collapse: bool = False
-    # Collapse alarm: both LogPS fall by collapse_drop nats/token and update_norm grows collapse_growth-fold
-    # between the two halves of a collapse_window-step window (calibrated on the demo; see redi/guards.py).
-    collapse_window: int = 10
-    collapse_drop: float = 0.05
-    collapse_growth: float = 1.5
+    # Collapse alarm: both LogPS fall by collapse_drop nats/token and the update per unit lr grows
+    # collapse_growth-fold between the two halves of a collapse_window-step window, or both fall by
+    # collapse_severe_drop (calibrated on the demo; see redi/guards.py).
+    collapse_window: int = 20
+    collapse_drop: float = 0.1
+    collapse_growth: float = 1.15
+    collapse_severe_drop: float = 1.0
     on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
     # Torch backend speed and memory (docs/cuda.md); other backends ignore them.
     packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
@@ -237,7 +239,7 @@ def validate(cfg: Config) -> Config:
                 f"'{name}.micro_batch_size' ({s.micro_batch_size})"
             )
     for key in ("save_every", "keep_last", "lm_head_chunk", "log_every", "skip_nonfinite", "collapse_window",
-                "collapse_drop", "collapse_growth"):
+                "collapse_drop", "collapse_growth", "collapse_severe_drop"):
         if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_growth") else 0):
             raise UserError(f"config key '{key}' is out of range: {getattr(cfg, key)!r}")
     return cfg

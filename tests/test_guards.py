@@ -18,7 +18,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 class ScriptedBackend:
     """Implements the backend protocol with scripted statistics: per step, the chosen and rejected
-    per-token log-probs and the update norm are taken from the script; NaN where the script says so."""
+    per-token log-probs and the update per unit lr are taken from the script; NaN where the script says so."""
 
     name = "scripted"
     ops = NumpyOps
@@ -49,7 +49,8 @@ class ScriptedBackend:
     def optimizer_step(self, lr, max_grad_norm):
         self.step += 1
         bad = self.step in self.nan_steps
-        return {"grad_norm": float("nan") if bad else 1.0, "update_norm": self.update[self.step - 1],
+        # The script gives the update per unit lr (Adam's normalised step); the schedule scales it, as in real runs.
+        return {"grad_norm": float("nan") if bad else 1.0, "update_norm": self.update[self.step - 1] * lr,
                 **({"skipped": 1.0} if bad else {})}
 
     def save_model(self, path):
@@ -196,3 +197,15 @@ def test_missing_tokenizer_files_are_named(tmp_path):
     cfg = _cfg(tmp_path, f"model={model}")
     with pytest.raises(UserError, match="empty-model"):
         train(cfg, backend=ScriptedBackend(STEADY, STEADY, STEADY))
+
+
+@pytest.mark.parametrize("run, fires", [("sym3e5", True), ("sym1e4", True), ("redi1e5", False)])
+def test_collapse_defaults_calibrated_on_the_demo(run, fires):
+    """Recorded stage-2 metrics of the demo (100 steps from its SFT checkpoint, 10 warmup steps): symmetric
+    REDI at lr 3e-5 and 1e-4 collapses (LogPS -0.1 -> -1.5 and -3); REDI alpha 0.8 at 1e-5 does not."""
+    cfg = Config()
+    detector = CollapseDetector(cfg.collapse_window, cfg.collapse_drop, cfg.collapse_growth, cfg.collapse_severe_drop,
+                                ignore_before=10)
+    path = Path(__file__).parent / "fixtures" / f"collapse_demo_{run}.jsonl"
+    fired = [r["step"] for r in map(json.loads, path.read_text().splitlines()) if detector.update(r)]
+    assert bool(fired) == fires, fired
