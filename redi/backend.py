@@ -40,9 +40,9 @@ class Backend(Protocol):
 def _cuda_available() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False
-    import torch  # noqa: PLC0415 - only to probe the device
+    from redi.backends.torch_cuda import cuda_available  # the probe lives with the backend that needs torch
 
-    return bool(torch.cuda.is_available())
+    return cuda_available()
 
 
 def _is_apple_silicon() -> bool:
