@@ -23,6 +23,7 @@ from rich.table import Table
 from redi.api import load_tokenizer, train
 from redi.backend import make_backend
 from redi.config import Config, load_config
+from redi.demo_task import check_task
 from redi.errors import UserError
 from redi.grading import last_boxed, pass_at_1, sem_paper
 from redi.metrics import read_metrics
@@ -173,6 +174,7 @@ def run_demo(cfg: Config, *, console: Console | None = None) -> dict:
         raise UserError(f"the demo needs held-out problems: {cfg.data}/eval.jsonl not found (use data: builtin:demo)")
     if cfg.stage != "both":
         raise UserError(f"the demo runs both stages; got stage '{cfg.stage}'")
+    check_task(cfg.task)
     run_dir = Path(cfg.output)
     settings = EvalSettings.from_task(cfg.task)
     timing: dict[str, float] = {}
@@ -231,7 +233,13 @@ def build_summary(cfg: Config, main_summary: dict, info: dict, results: dict, re
         "seed": cfg.seed,
         "backend": main_summary.get("backend"),
         "parameters": main_summary.get("parameters"),
+        "objective": main_summary.get("objective"),
+        "alpha": cfg.alpha,
         "steps": {"sft": cfg.sft.max_steps, "pairs": cfg.pairs.max_steps},
+        "collapse_warnings": main_summary.get("collapse_warnings", []),
+        "final_model": "final",  # relative to the run folder; sft_final/ and control/final/ beside it
+        "data_report": {stage: {k: v for k, v in report.items() if k in ("rows", "kept", "truncated", "dropped")}
+                        for stage, report in main_summary.get("data", {}).items()},
         "data": {k: info.get(k) for k in ("problems", "sft_rows", "pairs", "eval_problems", "unsolved")},
         "eval": {"problems": n_problems, "samples": settings.samples, "temperature": settings.temperature,
                  "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens},
@@ -243,6 +251,7 @@ def build_summary(cfg: Config, main_summary: dict, info: dict, results: dict, re
         summary["redi_minus_continued_sft"] = {
             key: arms["after_redi"][key] - arms["continued_sft"][key] for key in ("greedy_accuracy", "sampled_accuracy")
         }
+    timing["train_wall_time_s"] = main_summary.get("wall_time_s", 0.0)
     summary["timing"] = {k: round(v, 1) for k, v in timing.items()}  # the only run-to-run varying part
     return summary
 
@@ -297,7 +306,7 @@ def print_examples(console: Console, results: dict, problems: list[dict], data_d
 
 def _compare(diff: float, noise: float) -> str:
     # Two standard errors of the difference: below that, one seed cannot tell the arms apart.
-    if abs(diff) < 2 * noise:
+    if abs(diff) <= 2 * noise:
         return f"{100 * diff:+.1f} points (within noise, ±{200 * noise:.1f})"
     return f"{100 * diff:+.1f} points (beyond noise, ±{200 * noise:.1f})"
 
@@ -320,9 +329,9 @@ def honest_reading(summary: dict) -> str:
             "shortcut errors, so avoiding shortcuts is what they can teach.")
     lines += [
         "- The task is built so that the negatives hold a lesson the student needs: a risky shortcut it copies "
-        "from the positives. The issue's prototype found that with random slips as negatives, every objective "
-        "that used them made the student worse. So the size of the effect is a property of this task.",
-        "- One seed of one tiny model: seeds differ by several points (docs/demo.md has three). It says nothing "
+        "from the positives. With random slips as the teacher's errors instead, REDI made this student 20-25 "
+        "points worse (docs/demo.md). So the size of the effect is a property of this task.",
+        "- One seed of one tiny model: seeds differ by many points (docs/demo.md has four). It says nothing "
         "about long reasoning traces, the paper's benchmarks, REDI against DPO or SimPO (`redi compare`), or "
         "stability at the paper's scale.",
     ]

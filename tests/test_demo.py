@@ -156,16 +156,21 @@ def test_tiny_demo_run_is_deterministic_and_complete(tmp_path):
     assert _without_timing(on_disk) == json.loads(json.dumps(_without_timing(first)))
     for arm in ("after_sft", "after_redi", "continued_sft"):
         assert {"greedy_accuracy", "sampled_accuracy"} <= set(first["results"][arm])
-        assert len(_rows(tmp_path / "one" / "eval" / f"{arm}.jsonl")) == 16
+        samples = tmp_path / "one" / "eval" / f"{arm}.jsonl"
+        assert len(_rows(samples)) == 16
+        assert samples.read_bytes() == (tmp_path / "two" / "eval" / f"{arm}.jsonl").read_bytes()
     for name in ("loss.png", "logps.png", "update_norm.png", "sft_loss.png"):
         assert (tmp_path / "one" / "plots" / name).stat().st_size > 10_000
     for name in ("config.yaml", "metrics.jsonl", "final/config.json", "sft_final/config.json",
                  "control/final/model.safetensors"):
         assert (tmp_path / "one" / name).exists()
-    # The control takes stage 2's exact batches: same step count and batch size as REDI.
+    # The control sees stage 2's exact batches: at its first step (same weights, the SFT checkpoint) its
+    # chosen log-probs equal REDI's.
     control = _rows(tmp_path / "one" / "control" / "metrics.jsonl")
     redi = [r for r in _rows(tmp_path / "one" / "metrics.jsonl") if r["stage"] == "pairs"]
     assert len(control) == len(redi) == 3
+    assert control[0]["logps/chosen"] == pytest.approx(redi[0]["logps/chosen"], rel=1e-4)
+    assert control[0]["tokens"] < redi[0]["tokens"]  # no rejected traces
 
 
 # ------------------------------------------------------------------------------------------ the effect
