@@ -234,23 +234,35 @@ def find_trl_script(explicit: str | None) -> Path | None:
 
 
 def run_trl(args, max_len: int) -> list[dict]:
+    """Each TRL trainer in its own process and time limit, so one slow or failing trainer loses only itself."""
     script = find_trl_script(args.trl_script)
     if script is None:
         return [{"run": "trl", "error": "trl_baseline.py not found (--trl-script or REDI_TRL_BASELINE)"}]
-    cmd = [sys.executable, str(script), "--max-len", str(max_len), "--pairs", str(args.pairs),
-           "--steps", str(args.trl_steps or args.steps), "--warmup", str(args.warmup), "--runs", args.trl_runs]
-    if args.tiny:
-        cmd.append("--tiny")
-    print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.trl_timeout)
     results = []
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            r["max_len"] = max_len
-            results.append(r)
-    if proc.returncode != 0 or not results:
-        results.append({"run": "trl", "max_len": max_len, "error": (proc.stderr or proc.stdout)[-600:]})
+    for trl_run in [r for r in args.trl_runs.split(",") if r]:
+        cmd = [sys.executable, str(script), "--max-len", str(max_len), "--pairs", str(args.pairs),
+               "--steps", str(args.trl_steps or args.steps), "--warmup", str(args.warmup), "--runs", trl_run]
+        if args.tiny:
+            cmd.append("--tiny")
+        print("+ " + " ".join(cmd), flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.trl_timeout)
+            stdout, stderr, failed = proc.stdout, proc.stderr, proc.returncode != 0
+        except subprocess.TimeoutExpired as err:
+            def text(b):
+                return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+            stdout, stderr, failed = text(err.stdout), f"timed out after {args.trl_timeout} s", True
+        found = []
+        for line in stdout.splitlines():
+            if line.startswith("RESULT "):
+                r = json.loads(line[len("RESULT "):])
+                r["max_len"] = max_len
+                found.append(r)
+        if failed and not found:
+            found.append({"run": f"trl_{trl_run}", "max_len": max_len, "error": (stderr or stdout)[-600:]})
+        for r in found:
+            print("RESULT " + json.dumps(r), flush=True)
+        results.extend(found)
     return results
 
 
@@ -322,7 +334,7 @@ def main() -> None:
     p.add_argument("--trl-runs", default="simpo,sft,dpo")
     p.add_argument("--trl-steps", type=int, default=0)
     p.add_argument("--trl-script", default=None)
-    p.add_argument("--trl-timeout", type=int, default=1800)
+    p.add_argument("--trl-timeout", type=int, default=900, help="seconds per TRL trainer")
     p.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for bench.json and bench.md")
     args = p.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
@@ -345,10 +357,8 @@ def main() -> None:
     for max_len in max_lens:
         args.micro_pairs = micro_default or (args.pairs if max_len <= 4096 else 1)
         data = synthetic_pairs(args.pairs * (args.steps + args.warmup + 2), max_len, args.tiny)
-        if args.with_trl:  # first, while this process holds almost no GPU memory
-            for r in run_trl(args, max_len):
-                print("RESULT " + json.dumps(r), flush=True)
-                trl.append(r)
+        if args.with_trl:  # first: after our runs this process still holds ~40 GiB (TRL's 16k run then ran out)
+            trl.extend(run_trl(args, max_len))
         for name, mode, options in runs:
             try:
                 r = run_one(name, mode, options, args, data, max_len, device)

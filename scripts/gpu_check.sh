@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of the torch backend: run from the repo root on a machine with an NVIDIA GPU.
 #
-#   scripts/gpu_check.sh [all|tests|bench4k|bench16k]...      (default: all = tests bench4k bench16k)
+#   scripts/gpu_check.sh [all|tests|bench4k|bench16k]...      (default: all = tests bench4k bench16k; cpugates on demand)
 #
 # 1. installs the wheels carried in .whl/ (trl, datasets and their missing dependencies) into /tmp/site,
 #    and this repo (editable, no dependencies; a symlink fallback if pip cannot build it offline);
@@ -11,7 +11,7 @@
 #    looked up in .whl/, shared/tools/ or ../shared/tools/, or $REDI_TRL_BASELINE), plus the longest pair.
 # Everything is written under $OUT (default ./gpu-out): gpu_check.log, env.txt, cuda_tests.log,
 # bench-4096.{md,json}, bench-16384.{md,json}. Each phase has its own time limit, so a slow phase cannot
-# eat the others; the whole default run is sized for ~8 minutes on one H100/H200.
+# eat the others; the whole default run is sized for ~9 minutes on one H100/H200.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -68,11 +68,13 @@ done
 [ -n "$found" ] && log "TRL baseline: $found" || log "WARNING: trl_baseline.py not found: no TRL comparison"
 
 # ---------------------------------------------------------------- tests
+# Phase limits (seconds) fit one call inside a 15-minute device lease: T_TESTS, T_4K, T_16K.
 if want tests; then
     log "CUDA tests"
-    timeout 300 $PY -m pytest -q -rA -s -p no:cacheprovider tests/test_cuda.py >"$OUT/cuda_tests.log" 2>&1
+    timeout ${T_TESTS:-90} $PY -m pytest -q -rA -s -p no:cacheprovider tests/test_cuda.py >"$OUT/cuda_tests.log" 2>&1
     log "CUDA tests exit $? ($(tail -1 "$OUT/cuda_tests.log"))"
-    log "CPU gates under this torch/transformers"
+fi
+if want cpugates; then  # the CPU gates under this machine's torch/transformers (not in 'all': checked off-device)
     timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_packing.py tests/test_torch_logps.py \
         tests/test_distributed.py >>"$OUT/cuda_tests.log" 2>&1
     log "CPU gates exit $? ($(tail -1 "$OUT/cuda_tests.log"))"
@@ -84,17 +86,20 @@ if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ]; t
     log "no CUDA here: the bench phases run as CPU smoke checks (--tiny)"
     SMOKE=--tiny; LEN4K="--max-len 256"; LEN16K="--max-len 512"; LONGEST="--longest 512"
 fi
+# Our runs first, then each TRL trainer in its own process with its own limit (--trl-timeout).
 if want bench4k; then
     log "bench at 4k"
-    timeout 330 $PY scripts/bench.py $SMOKE $LEN4K --steps 4 --warmup 2 --out "$OUT" $TRL_FLAG --trl-runs simpo,sft,dpo \
-        --runs "sft,redi,dpo,simpo,redi+micro_pairs=1+activation_checkpointing=auto:24+optim_state_dtype=bf16,redi+compile=true" \
+    timeout ${T_4K:-250} $PY scripts/bench.py $SMOKE $LEN4K --steps 4 --warmup 2 --out "$OUT" $TRL_FLAG \
+        --trl-runs simpo,sft,dpo --trl-timeout 75 \
+        --runs "redi,sft,simpo,dpo,redi+activation_checkpointing=auto:24+optim_state_dtype=bf16" \
         >>"$LOG" 2>&1
     log "bench 4k exit $?"
 fi
 if want bench16k; then
     log "bench at 16k"
-    timeout 330 $PY scripts/bench.py $SMOKE $LEN16K --steps 3 --warmup 1 --out "$OUT" $TRL_FLAG --trl-runs simpo \
-        --runs "redi,sft,redi+activation_checkpointing=auto:40+optim_state_dtype=bf16" $LONGEST \
+    timeout ${T_16K:-180} $PY scripts/bench.py $SMOKE $LEN16K --steps 3 --warmup 1 --out "$OUT" $TRL_FLAG \
+        --trl-runs simpo --trl-timeout 100 \
+        --runs "redi,redi+activation_checkpointing=auto:40+optim_state_dtype=bf16" $LONGEST \
         >>"$LOG" 2>&1
     log "bench 16k exit $?"
 fi
