@@ -1,7 +1,8 @@
 """The built-in demo: the teacher's data follows the paper's rules, runs are deterministic, and REDI's effect holds.
 
-The effect tests train real models on the CPU. The CI variant (a smaller recipe, one seed) takes a few
-minutes on 2 cores; the full one (the shipped recipe, 3 seeds) is marked slow.
+The effect tests train real models on the CPU. The CI variant (a smaller recipe, one seed) takes ~2 minutes
+on 2 cores; the full one (the shipped recipe, 3 seeds, ~20 minutes) is marked slow and runs with ``-m slow``
+or ``REDI_SLOW=1``.
 """
 from __future__ import annotations
 
@@ -197,15 +198,26 @@ def _effect(tmp_path: Path, seed: int, overrides: dict | None = None) -> float:
     return summary["redi_minus_continued_sft"]["sampled_accuracy"]
 
 
-def test_redi_beats_continued_sft_ci(tmp_path):
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core box, torch's two OpenMP threads spin-wait for each other and
+    this test took 12 minutes instead of 2. On an idle box one thread costs ~30%."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_redi_beats_continued_sft_ci(tmp_path, one_torch_thread):
     gap = _effect(tmp_path, 0, CI_OVERRIDES)
     assert gap >= GAP, f"REDI's T=0.6 accuracy is only {100 * gap:+.1f} points over continued SFT's"
 
 
 @pytest.mark.slow
-def test_redi_beats_continued_sft_full_recipe(tmp_path, request):
+def test_redi_beats_continued_sft_full_recipe(tmp_path, request, one_torch_thread):
     if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("REDI_SLOW"):
-        pytest.skip("the shipped recipe on 3 seeds (~15 min on 2 idle cores): run with -m slow or REDI_SLOW=1")
+        pytest.skip("the shipped recipe on 3 seeds (~20 min on 2 cores): run with -m slow or REDI_SLOW=1")
     gaps = [_effect(tmp_path, seed) for seed in (0, 1, 2)]
     mean = sum(gaps) / len(gaps)
     assert mean >= GAP, f"REDI minus continued SFT at T=0.6, per seed: {gaps} (mean {100 * mean:+.1f} points)"
