@@ -82,7 +82,8 @@ def _mean_curve(runs: list[list[dict]], key: str) -> list[dict]:
     return [{"step": s, key: float(np.mean(v))} for s, v in sorted(by_step.items())]
 
 
-def write_plots(out: Path, cc: CompareConfig) -> list[Path]:
+def write_plots(out: Path, cc: CompareConfig, collapsed: frozenset[str] = frozenset()) -> list[Path]:
+    """``collapsed``: arms whose LogPS curves would squash the others; the LogPS plots then add a zoomed panel."""
     arm_dirs = {a.name: sorted((out / "arms" / a.name).glob("seed-*")) for a in cc.arms}
     metrics = {name: [read_metrics(d / "metrics.jsonl") for d in dirs] for name, dirs in arm_dirs.items()}
     evals = {name: [read_metrics(d / "evals.jsonl") for d in dirs] for name, dirs in arm_dirs.items()}
@@ -94,8 +95,9 @@ def write_plots(out: Path, cc: CompareConfig) -> list[Path]:
     for key, fname, label in (("logps/chosen_normalized", "chosen_logps.png", "chosen"),
                               ("logps/rejected_normalized", "rejected_logps.png", "rejected")):
         runs = {name: _mean_curve(m, key) for name, m in metrics.items()}
-        paths.append(plot_metric({k: v for k, v in runs.items() if v}, key, plots / fname,
-                                 ylabel=f"{label} log-prob per token (nats)", title=f"{label.capitalize()} LogPS"))
+        paths.append(plot_metric(runs, key, plots / fname,  # empty runs kept: an arm keeps its colour
+                                 ylabel=f"{label} log-prob per token (nats)", title=f"{label.capitalize()} LogPS",
+                                 zoom_without=collapsed))
     upd = {name: _mean_curve(m, "update_norm") for name, m in metrics.items()}
     paths.append(plot_metric(upd, "update_norm", plots / "update_norm.png", logy=True,
                              ylabel="‖Δθ‖ of the step (log scale)", title="Update norm"))
@@ -129,12 +131,13 @@ def run_compare(config: Path, output: Path, backend: str = "", seeds: int | None
                 run_arm(cc, arm, cc.recipe.seed + seed, sft_model, data, arm_dir, evaluate, base_eval))
     rows = table_rows(cc, results)
     write_tables(output, rows, results, cc)
-    write_plots(output, cc)
+    write_plots(output, cc, frozenset(name for name, rs in results.items() if any(r["collapse"] for r in rs)))
     table = Table(title=f"redi compare (start: SFT at {100 * base_eval['accuracy']:.1f}%)")
     for col in COLUMNS:
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(*[str(r[c]) for c in COLUMNS])
-    console.print(table)
+    # Twelve columns fold into slivers at a pipe's default 80 columns; a terminal keeps its own width.
+    (console if console.is_terminal else Console(width=max(console.width, 200))).print(table)
     console.print(f"table: {output / 'compare.md'}  plots: {output / 'plots'}")
     return {"rows": rows, "results": results, "sft_eval": base_eval}

@@ -47,19 +47,52 @@ def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, logy: 
 
 
 def plot_metric(runs: Runs, key: str, path: str | Path, *, ylabel: str, title: str = "", x: str = "step",
-                xlabel: str = "optimizer step", logy: bool = False, err_key: str | None = None) -> Path:
-    """One line per run of ``key`` against ``x``; ``err_key`` (e.g. an accuracy's SEM) draws error bars."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, records in runs.items():
-        xs, ys = _points(records, key, x, positive=logy)
-        if not xs:
-            continue
-        if err_key:
-            errs = [r.get(err_key) or 0.0 for r in records if _usable(r, key, x, logy)]
-            ax.errorbar(xs, ys, yerr=errs, label=label, marker="o", markersize=3, capsize=2)
-        else:
-            ax.plot(xs, ys, label=label, linewidth=1.2)
-    return _finish(fig, ax, Path(path), xlabel=xlabel, ylabel=ylabel, title=title, logy=logy)
+                xlabel: str = "optimizer step", logy: bool = False, err_key: str | None = None,
+                zoom_without: frozenset[str] = frozenset()) -> Path:
+    """One line per run of ``key`` against ``x``; ``err_key`` (e.g. an accuracy's SEM) draws error bars.
+
+    ``zoom_without``: runs (e.g. collapsed ones) that may stretch the axis so far that the others become one
+    line. When they do, a second panel repeats the plot without them.
+    """
+    def draw(ax, skip: frozenset[str]) -> list[float]:
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        seen: list[float] = []
+        for i, (label, records) in enumerate(runs.items()):
+            xs, ys = _points(records, key, x, positive=logy)
+            if not xs or label in skip:
+                continue
+            seen.extend(ys)
+            colour = colours[i % len(colours)]  # the same colour for a run in both panels
+            if err_key:
+                errs = [r.get(err_key) or 0.0 for r in records if _usable(r, key, x, logy)]
+                ax.errorbar(xs, ys, yerr=errs, label=label, color=colour, marker="o", markersize=3, capsize=2)
+            else:
+                ax.plot(xs, ys, label=label, color=colour, linewidth=1.2)
+        return seen
+
+    kept = [y for label, records in runs.items() if label not in zoom_without for y in _points(records, key, x, logy)[1]]
+    every = [y for records in runs.values() for y in _points(records, key, x, logy)[1]]
+    span = (max(every) - min(every)) if every else 0.0
+    zoom = bool(zoom_without and kept and not logy and span > 0 and (max(kept) - min(kept)) < span / 4)
+    if not zoom:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        draw(ax, frozenset())
+        return _finish(fig, ax, Path(path), xlabel=xlabel, ylabel=ylabel, title=title, logy=logy)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    draw(ax, frozenset())
+    draw(ax2, zoom_without)
+    for a, t in ((ax, title + " (all arms)"), (ax2, f"without {', '.join(sorted(zoom_without))} (zoom)")):
+        a.set_xlabel(xlabel)
+        a.set_ylabel(ylabel)
+        a.set_title(t, fontsize="medium")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_logps(runs: Runs, path: str | Path, *, title: str = "Normalised log-prob (LogPS) of the pairs") -> Path:

@@ -69,6 +69,15 @@ def write_top_level_rope_theta(model_dir: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed forward's ``past_key_values`` to ``cache`` (5.2x warns on the old name; 5.17 lacks
+    the new one)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
 @dataclass
 class TorchOptions:
     """Speed and memory settings (config keys of the same names; see docs/cuda.md)."""
@@ -360,7 +369,7 @@ class TorchBackend:
             position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
             with self._autocast():
                 logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=position,
-                                    past_key_values=cache, use_cache=True).logits[:, -1].float()
+                                    use_cache=True, **{_cache_kwarg(self.model): cache}).logits[:, -1].float()
             nxt = sample_next(logits, temperature, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
