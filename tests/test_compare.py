@@ -76,3 +76,38 @@ def test_compare_bad_config_is_one_line(tmp_path):
     bad.write_text(f"recipe: {TINY}\narms:\n  - {{name: x, objective: redi, lr: 1}}\n")
     with pytest.raises(UserError, match="arm 1: .*unknown keys: lr"):
         load_compare_config(bad)
+
+
+def test_seeds_give_mean_and_std_over_seeds(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "C"
+    run_compare(_grid(tmp_path, seeds=2), out)
+    rows = _rows(out)
+    for arm in rows:
+        finals = [json.loads((out / "arms" / arm / f"seed-{k}" / "arm_result.json").read_text())["final_accuracy"]
+                  for k in (0, 1)]
+        want = f"{100 * np.mean(finals):.1f} ± {100 * np.std(finals, ddof=1):.1f}"
+        assert rows[arm]["seeds"] == "2" and rows[arm]["final accuracy"] == want
+    # the two seeds of an arm saw different batch orders: their first losses differ
+    first = [json.loads((out / "arms" / "redi" / f"seed-{k}" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+             for k in (0, 1)]
+    assert first[0] != first[1]
+
+
+def test_compare_runs_on_mlx(tmp_path):
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "C"
+    run_compare(_grid(tmp_path), out, backend="mlx")
+    rows = _rows(out)
+    assert set(rows) == {"control", "redi", "dpo"}
+    for arm in rows:
+        result = json.loads((out / "arms" / arm / "seed-0" / "arm_result.json").read_text())
+        assert yaml_backend(out / "arms" / arm / "seed-0" / "config.yaml") == "mlx"
+        assert rows[arm]["final accuracy"] == f"{100 * result['final_accuracy']:.1f} ± {100 * result['final_sem']:.1f}"
+
+
+def yaml_backend(path: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["backend"]
