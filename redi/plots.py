@@ -28,22 +28,30 @@ def _points(records: Sequence[dict], key: str, x: str, positive: bool = False) -
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, logy: bool) -> Path:
+def _label(ax, *, xlabel: str, ylabel: str, title: str, logy: bool = False, title_size: str = "large") -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=title_size)
     if logy:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, logy: bool) -> Path:
+    _label(ax, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy)
+    return _save(fig, path)
 
 
 def plot_metric(runs: Runs, key: str, path: str | Path, *, ylabel: str, title: str = "", x: str = "step",
@@ -82,17 +90,8 @@ def plot_metric(runs: Runs, key: str, path: str | Path, *, ylabel: str, title: s
     draw(ax, frozenset())
     draw(ax2, zoom_without)
     for a, t in ((ax, title + " (all arms)"), (ax2, f"without {', '.join(sorted(zoom_without))} (zoom)")):
-        a.set_xlabel(xlabel)
-        a.set_ylabel(ylabel)
-        a.set_title(t, fontsize="medium")
-        a.grid(True, alpha=0.3)
-        a.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _label(a, xlabel=xlabel, ylabel=ylabel, title=t, title_size="medium")
+    return _save(fig, Path(path))
 
 
 def plot_logps(runs: Runs, path: str | Path, *, title: str = "Normalised log-prob (LogPS) of the pairs") -> Path:
