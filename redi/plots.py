@@ -62,21 +62,18 @@ def plot_metric(runs: Runs, key: str, path: str | Path, *, ylabel: str, title: s
     ``zoom_without``: runs (e.g. collapsed ones) that may stretch the axis so far that the others become one
     line. When they do, a second panel repeats the plot without them.
     """
-    def draw(ax, skip: frozenset[str]) -> list[float]:
+    def draw(ax, skip: frozenset[str]) -> None:
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        seen: list[float] = []
         for i, (label, records) in enumerate(runs.items()):
             xs, ys = _points(records, key, x, positive=logy)
             if not xs or label in skip:
                 continue
-            seen.extend(ys)
             colour = colours[i % len(colours)]  # the same colour for a run in both panels
             if err_key:
                 errs = [r.get(err_key) or 0.0 for r in records if _usable(r, key, x, logy)]
                 ax.errorbar(xs, ys, yerr=errs, label=label, color=colour, marker="o", markersize=3, capsize=2)
             else:
                 ax.plot(xs, ys, label=label, color=colour, linewidth=1.2)
-        return seen
 
     kept = [y for label, records in runs.items() if label not in zoom_without for y in _points(records, key, x, logy)[1]]
     every = [y for records in runs.values() for y in _points(records, key, x, logy)[1]]

@@ -357,7 +357,7 @@ def main() -> None:
     for max_len in max_lens:
         args.micro_pairs = micro_default or (args.pairs if max_len <= 4096 else 1)
         data = synthetic_pairs(args.pairs * (args.steps + args.warmup + 2), max_len, args.tiny)
-        if args.with_trl:  # first: after our runs this process still holds ~40 GiB (TRL's 16k run then ran out)
+        if args.with_trl:  # first, so that TRL's peak is measured on a card this process has not touched yet
             trl.extend(run_trl(args, max_len))
         for name, mode, options in runs:
             try:

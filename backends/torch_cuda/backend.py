@@ -69,7 +69,6 @@ def write_top_level_rope_theta(model_dir: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-
 def _cache_kwarg(model) -> str:
     """transformers renamed forward's ``past_key_values`` to ``cache`` (5.2x warns on the old name; 5.17 lacks
     the new one)."""
@@ -77,6 +76,7 @@ def _cache_kwarg(model) -> str:
 
     params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
 
 @dataclass
 class TorchOptions:
@@ -361,7 +361,7 @@ class TorchBackend:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p, device=self.device)
             attn[i, width - len(p):] = 1
-        cache = DynamicCache()
+        cache, cache_kwarg = DynamicCache(), _cache_kwarg(self.model)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         out = torch.zeros((n, 0), dtype=torch.long, device=self.device)
         step_ids = ids
@@ -369,7 +369,7 @@ class TorchBackend:
             position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
             with self._autocast():
                 logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=position,
-                                    use_cache=True, **{_cache_kwarg(self.model): cache}).logits[:, -1].float()
+                                    use_cache=True, **{cache_kwarg: cache}).logits[:, -1].float()
             nxt = sample_next(logits, temperature, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
