@@ -16,6 +16,7 @@ import math
 import torch
 
 from redi.backends.torch_cuda.distributed import Dist, local
+from redi.backends.torch_cuda.packing import budget_groups
 
 
 class AdamWLowPrecisionState(torch.optim.Optimizer):
@@ -83,16 +84,7 @@ def step_with_norms(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
     if bucket_numel is None:
         buckets = [live]
     else:
-        buckets, current, used = [], [], 0
-        for p in live:
-            n = local(p).numel()
-            if current and used + n > bucket_numel:
-                buckets.append(current)
-                current, used = [], 0
-            current.append(p)
-            used += n
-        if current:
-            buckets.append(current)
+        buckets = [[live[k] for k in g] for g in budget_groups([local(p).numel() for p in live], bucket_numel)]
     sq = torch.zeros((), dtype=torch.float64)
     for bucket in buckets:
         held = {}

@@ -108,7 +108,7 @@ def block_structure(doc_lens: tuple[int, ...], block: int = BLOCK) -> tuple[np.n
 
 def budget_groups(lengths: list[int], budget: int) -> list[list[int]]:
     """Greedy groups of consecutive items whose summed length stays within ``budget`` tokens (an item
-    longer than the budget gets a group of its own). Used by the benchmark to size micro-batches."""
+    longer than the budget gets a group of its own). The optimizer's update-norm buckets use it."""
     groups: list[list[int]] = []
     current: list[int] = []
     used = 0
