@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         """Run each arm of the grid (REDI, symmetric, DPO, SimPO, continued SFT) and tabulate and plot them."""
         from importlib.resources import files
 
-        from redi.compare_report import run_compare
+        from redi.experiments.compare_report import run_compare
         from redi.errors import UserError
 
         if config is None:

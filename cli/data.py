@@ -1,4 +1,4 @@
-"""`redi data pair`: flags -> ``redi.pairing.PairOptions``; the work is ``redi.pairing.pair_dataset``."""
+"""`redi data pair`: flags -> ``redi.pairing.pipeline.PairOptions``; the work is ``redi.pairing.pipeline.pair_dataset``."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -21,7 +21,7 @@ def _print_summary(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from redi.pairing import summary_rows
+    from redi.pairing.pipeline import summary_rows
 
     report = result.report
     table = Table(title=f"redi data pair: {report['input']} ({report['schema']})", show_header=False)
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         """Teacher traces -> SFT set (first correct trace) and pairs (first correct vs first incorrect)."""
         from rich.progress import Progress
 
-        from redi.pairing import PairOptions, pair_dataset
+        from redi.pairing.pipeline import PairOptions, pair_dataset
 
         excluded = () if [s.lower() for s in exclude_source] == ["none"] else tuple(exclude_source)
         opts = PairOptions(schema=schema, split=split, correct_if=correct_if, exclude_sources=excluded,

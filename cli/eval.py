@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from redi.errors import UserError
-        from redi.evaluation import QWEN_MATH_SYSTEM, EvalSettings, evaluate
+        from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, evaluate
 
         if template not in ("paper", "raw"):
             raise UserError(f"--template must be paper or raw, got '{template}'")

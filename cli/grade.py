@@ -1,4 +1,4 @@
-"""`redi grade`: grade already generated responses (no model); the work is in redi.grading."""
+"""`redi grade`: grade already generated responses (no model); the work is in redi.evaluation.grading."""
 from __future__ import annotations
 
 import json
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(5.0, "--timeout", help="CPU seconds per judgement; a timeout counts wrong."),
     ) -> None:
         """Grade responses with math-verify and report pass@1 ± SEM, pass@k and format errors."""
-        from redi.grading import grade_file
+        from redi.evaluation.grading import grade_file
 
         if workers is not None and workers < 0:
             raise UserError(f"--workers must be 0 or more, got {workers}")

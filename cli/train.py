@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         overrides: List[str] = typer.Option([], "--set", help="KEY=VALUE for any config key, e.g. pairs.learning_rate=1e-6."),
     ) -> None:
         """Train stage 1 (SFT on correct traces) and/or stage 2 (pairs with REDI, DPO, SimPO...)."""
-        from redi.api import train as run_train
+        from redi.training.api import train as run_train
 
         if resume is not None:
             if not (resume / "config.yaml").exists():
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
             cfg.stop_on_collapse = True
         if demo and cfg.model == "builtin:demo":
             # No model, data or recipe given: the built-in demo (data -> SFT -> REDI -> held-out evaluation).
-            from redi.demo import run_demo
+            from redi.experiments.demo import run_demo
 
             run_demo(cfg)
             return

@@ -7,14 +7,47 @@ step, saves, and generates. Everything else (data, order, schedule, objectives, 
 from __future__ import annotations
 
 import importlib.util
+import math
 import platform
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from redi.batching import MicroBatch
+from redi.data import TokenizedSeq
 from redi.errors import UserError
+
+@dataclass
+class MicroBatch:
+    """Sequences of one forward/backward. For pairs: the n chosen sequences, then the n rejected ones."""
+
+    seqs: list[TokenizedSeq]
+    n_pairs: int  # 0 for SFT
+    weight: float  # this micro-batch's share of the step's loss denominator (pairs or tokens)
+    indices: np.ndarray  # example indices, to look up cached reference log-probs
+    ref_logps: np.ndarray | None = None  # [2 * n_pairs] reference S, chosen then rejected (DPO)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.length for s in self.seqs)
+
+    def padded(self, pad_id: int, multiple: int = 8) -> dict[str, np.ndarray]:
+        """Right-padded arrays. ``label_mask[b, t]`` is 1 where token t is a scored completion token."""
+        longest = max(s.length for s in self.seqs)
+        width = int(math.ceil(longest / multiple) * multiple)
+        b = len(self.seqs)
+        input_ids = np.full((b, width), pad_id, dtype=np.int64)
+        attention = np.zeros((b, width), dtype=np.int64)
+        labels = np.zeros((b, width), dtype=np.int64)
+        for i, s in enumerate(self.seqs):
+            p, c = len(s.prompt), len(s.completion)
+            input_ids[i, :p] = s.prompt
+            input_ids[i, p:p + c] = s.completion
+            attention[i, :p + c] = 1
+            labels[i, p:p + c] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "label_mask": labels}
+
 
 # loss_fn(ops, S, L) -> scalar loss of this micro-batch, already weighted by its share of the step.
 LossFn = Callable[[Any, Any, Any], Any]

@@ -47,7 +47,7 @@ def _load_registrations() -> None:
     # Optional tasks register themselves on import; missing ones simply are not offered.
     import importlib
 
-    for module in ("redi.demo_task",):
+    for module in ("redi.experiments.demo_task",):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

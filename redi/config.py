@@ -62,7 +62,7 @@ class Config:
     stop_on_collapse: bool = False
     # Collapse alarm: both LogPS fall by collapse_drop nats/token and the update per unit lr grows
     # collapse_growth-fold between the two halves of a collapse_window-step window, or both fall by
-    # collapse_severe_drop (calibrated on the demo; see redi/guards.py).
+    # collapse_severe_drop (calibrated on the demo; see redi/training/guards.py).
     collapse_window: int = 20
     collapse_drop: float = 0.1
     collapse_growth: float = 1.15

@@ -36,9 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
 from redi.backends.torch_cuda.packing import pack  # noqa: E402
-from redi.batching import MicroBatch  # noqa: E402
+from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
-from redi.loop import StageRun, micro_batch_loss  # noqa: E402
+from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied

@@ -1,4 +1,4 @@
-"""Grading speed of redi.grading.grade_many on 10,000 synthetic responses, for 1 and 2 worker processes.
+"""Grading speed of redi.evaluation.grading.grade_many on 10,000 synthetic responses, for 1 and 2 worker processes.
 
     python scripts/bench_grade.py [--responses 10000] [--workers 1 2] [--seed 0]
 
@@ -64,7 +64,7 @@ def synthetic_batch(total: int, seed: int) -> tuple[list[str], list]:
 
 
 def measure(total: int, workers: int, seed: int) -> dict:
-    from redi.grading import grade_many
+    from redi.evaluation.grading import grade_many
 
     responses, answers = synthetic_batch(total, seed)
     cpu_before, start = os.times(), time.perf_counter()

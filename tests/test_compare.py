@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from redi.compare_report import run_compare  # noqa: E402
+from redi.experiments.compare_report import run_compare  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -69,7 +69,7 @@ def test_compare_table_matches_arm_files(tmp_path):
 
 
 def test_compare_bad_config_is_one_line(tmp_path):
-    from redi.compare import load_compare_config
+    from redi.experiments.compare import load_compare_config
     from redi.errors import UserError
 
     bad = tmp_path / "bad.yaml"

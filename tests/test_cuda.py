@@ -25,9 +25,9 @@ from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, 
                                                per_document_attention)
 from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
 from redi.backends.torch_cuda.logprobs import full_token_logps, token_logps  # noqa: E402
-from redi.batching import MicroBatch  # noqa: E402
+from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
-from redi.loop import StageRun, micro_batch_loss  # noqa: E402
+from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 from redi.tiny import TinyQwen2, build_model, qwen2_config, random_qwen2_weights  # noqa: E402
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from redi.batching import StepPlan, lr_at
+from redi.training.batching import StepPlan, lr_at
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from redi.errors import UserError
-from redi.pairing import PairOptions, pair_dataset
+from redi.pairing.pipeline import PairOptions, pair_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RAW = FIXTURES / "pair_openr1_raw.jsonl"
@@ -202,7 +202,7 @@ def test_seed_42_order_matches_the_authors_datasets_shuffle(tmp_path):
 
 
 def test_reruns_and_worker_processes_give_identical_bytes(tmp_path, monkeypatch):
-    import redi.pairing_decode as decode
+    import redi.pairing.decode as decode
 
     rows = _clean_rows(400, seed=5)
     path = tmp_path / "in.jsonl"
@@ -220,7 +220,7 @@ def test_reruns_and_worker_processes_give_identical_bytes(tmp_path, monkeypatch)
 
 
 def test_count_lines_skips_blank_lines_like_the_reader():
-    from redi.pairing_decode import count_lines, decode_task
+    from redi.pairing.decode import count_lines, decode_task
 
     for block in (b"", b"{}\n", b"{}", b"\n{}\n \n\r\n{}", b"  \n{}\r\n\t\n{}\n", b"{}\n\n\n", b" "):
         rows = decode_task(("jsonl-block", block, 0, 1, ""), None)

@@ -15,8 +15,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from redi.demo import demo_config, run_demo  # noqa: E402
-from redi.demo_task import build_demo_data  # noqa: E402
+from redi.experiments.demo import demo_config, run_demo  # noqa: E402
+from redi.experiments.demo_task import build_demo_data  # noqa: E402
 from redi.errors import UserError  # noqa: E402
 
 _PROMPT = re.compile(r"^(\d+)\+(\d+)=\?$")

@@ -19,9 +19,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from redi.api import train  # noqa: E402
+from redi.training.api import train  # noqa: E402
 from redi.config import apply_overrides, load_config  # noqa: E402
-from redi.loop import rank_share  # noqa: E402
+from redi.training.loop import rank_share  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -35,7 +35,7 @@ def _overrides(model_dir: str, out: Path, stage: str) -> list[str]:
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from redi.api import train
+    from redi.training.api import train
     from redi.config import apply_overrides, load_config
     cfg = apply_overrides(load_config(sys.argv[1]), sys.argv[2:])
     train(cfg)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from redi.evaluation import EVAL_PROMPT, EvalSettings, render_prompt
+from redi.evaluation.pipeline import EVAL_PROMPT, EvalSettings, render_prompt
 
 
 def _bench(tmp_path):

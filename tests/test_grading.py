@@ -1,4 +1,4 @@
-"""redi.grading and `redi grade`: extraction, math-verify equivalence, worker processes, the paper's metrics."""
+"""redi.evaluation.grading and `redi grade`: extraction, math-verify equivalence, worker processes, the paper's metrics."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from redi.grading import (
+from redi.evaluation.grading import (
     final_answer_text,
     gold_latex,
     grade_many,
@@ -177,7 +177,7 @@ def test_hung_or_dead_worker_item_gets_the_fallback(item_fn):
 
 
 def test_grading_imports_no_backend():
-    code = ("import sys, redi.grading, redi.cli.grade; "
+    code = ("import sys, redi.evaluation.grading, redi.cli.grade; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlx'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

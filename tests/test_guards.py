@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from redi.api import train
+from redi.training.api import train
 from redi.backend import NumpyOps
 from redi.config import Config, apply_overrides, load_config, validate
 from redi.errors import UserError
-from redi.guards import CollapseDetector
+from redi.training.guards import CollapseDetector
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

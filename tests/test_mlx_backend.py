@@ -20,13 +20,13 @@ torch = pytest.importorskip("torch")
 
 from mlx.utils import tree_flatten  # noqa: E402
 
-from redi.api import train  # noqa: E402
+from redi.training.api import train  # noqa: E402
 from redi.backends.mlx.backend import MLXBackend  # noqa: E402
 from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
-from redi.batching import MicroBatch  # noqa: E402
+from redi.backend import MicroBatch  # noqa: E402
 from redi.config import apply_overrides, load_config  # noqa: E402
 from redi.data import Encoder  # noqa: E402
-from redi.loop import StageRun, micro_batch_loss  # noqa: E402
+from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 from redi.tiny import TinyQwen2, build_model  # noqa: E402
 
@@ -270,7 +270,7 @@ def _files(run: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
-    """SFT and REDI, 5 steps each, through redi.api.train on both backends (MLX REDI with full activation
+    """SFT and REDI, 5 steps each, through redi.training.api.train on both backends (MLX REDI with full activation
     checkpointing and mx.compile, so both options are held to the same parity)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}

@@ -28,9 +28,9 @@ from redi.backends.torch_cuda.logprobs import full_token_logps, token_logps  # n
 from redi.backends.torch_cuda.optim import AdamWLowPrecisionState, step_with_norms  # noqa: E402
 from redi.backends.torch_cuda.distributed import Dist  # noqa: E402
 from redi.backends.torch_cuda.packing import block_structure, budget_groups, pack  # noqa: E402
-from redi.batching import MicroBatch  # noqa: E402
+from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
-from redi.loop import StageRun, micro_batch_loss  # noqa: E402
+from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 
 # (prompt, completion) lengths: an empty prompt, a one-token completion, long and short documents.
@@ -279,9 +279,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     (out / "config.json").write_text(json.dumps(qwen2_config(shape, V, V - 1)))
     save_file(random_qwen2_weights(shape, V, 0), str(out / "model.safetensors"), metadata={"format": "pt"})
     from redi.backends.torch_cuda.backend import TorchBackend
-    from redi.batching import MicroBatch
+    from redi.backend import MicroBatch
     from redi.data import TokenizedSeq
-    from redi.loop import StageRun, micro_batch_loss
+    from redi.training.loop import StageRun, micro_batch_loss
     from redi.objectives import make_objective
     rng = np.random.default_rng(0)
     seq = lambda: TokenizedSeq(rng.integers(0, V, 16).astype(np.int32), rng.integers(0, V, 8000).astype(np.int32))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from redi.plots import plot_metric
+from redi.experiments.plots import plot_metric
 
 
 def _png_size(path) -> tuple[int, int]:

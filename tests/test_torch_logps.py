@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
-from redi.batching import MicroBatch  # noqa: E402
+from redi.backend import MicroBatch  # noqa: E402
 from redi.data import Encoder  # noqa: E402
 
 ROWS = [

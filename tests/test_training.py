@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from redi.api import train  # noqa: E402
+from redi.training.api import train  # noqa: E402
 from redi.config import apply_overrides, load_config  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_map
 from redi.backends.mlx import checkpointing, io, logprobs
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
-from redi.batching import MicroBatch
+from redi.backend import MicroBatch
 from redi.config import checkpointing_mode
 from redi.errors import UserError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import redi.backends.mlx  # noqa: F401 - preloads OpenBLAS before mlx.core
-from redi.batching import MicroBatch
+from redi.backend import MicroBatch
 from redi.data import TokenizedSeq
 from redi.objectives import PairStats, make_objective
 from redi.tiny import TinyQwen2, build_tokenizer, qwen2_config, random_qwen2_weights

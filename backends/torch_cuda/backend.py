@@ -24,7 +24,7 @@ from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_o
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
-from redi.batching import MicroBatch
+from redi.backend import MicroBatch
 from redi.config import checkpointing_mode
 from redi.errors import UserError
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from redi.batching import MicroBatch
+from redi.backend import MicroBatch
 
 BLOCK = 128  # FlexAttention's default block size; the packed row is padded to a multiple of it
 

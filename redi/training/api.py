@@ -12,17 +12,17 @@ import os
 import time
 from pathlib import Path
 
-from redi import checkpoint as ckpt
+from redi.training import checkpoint as ckpt
 from redi.backend import Backend, make_backend
 from redi.builtin import materialise_data, materialise_model
 from redi.config import Config, dump, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
-from redi.guards import CollapseDetector, NonFiniteBudget
-from redi.loop import Guards, StageRun, make_progress, reference_logps, run_stage
-from redi.metrics import MetricsWriter, read_metrics, truncate_metrics
+from redi.training.guards import CollapseDetector, NonFiniteBudget
+from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
+from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
 from redi.objectives import make_objective
-from redi.run_folder import check_disk_room, check_writable, config_drift, resume_point
+from redi.training.run_folder import check_disk_room, check_writable, config_drift, resume_point
 
 
 def load_tokenizer(model_path: str):

@@ -9,9 +9,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from redi.compare import CompareConfig, load_compare_config, make_evaluator, run_arm, sft_checkpoint
-from redi.metrics import read_metrics
-from redi.plots import plot_logps, plot_metric
+from redi.experiments.compare import CompareConfig, load_compare_config, make_evaluator, run_arm, sft_checkpoint
+from redi.training.metrics import read_metrics
+from redi.experiments.plots import plot_logps, plot_metric
 
 COLUMNS = ["arm", "objective", "hyperparameters", "seeds", "final accuracy", "peak accuracy", "peak step",
            "final chosen LogPS", "final rejected LogPS", "max update norm", "collapse", "wall time (s)"]
@@ -63,7 +63,7 @@ def write_tables(out: Path, rows: list[dict], results: dict, cc: CompareConfig) 
     lines = ["# redi compare", "",
              f"Stage 2 from one SFT checkpoint; {cc.seeds} seed(s) per arm; evaluation every {cc.eval_every} steps. "
              "Accuracy in %: one seed shows ± the paper's SEM over samples, several show mean ± std over seeds. "
-             "Collapse: the alarm of redi/guards.py (both LogPS fall while the update norm rises).", "",
+             "Collapse: the alarm of redi/training/guards.py (both LogPS fall while the update norm rises).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from redi.pairing_filters import Decontaminator, Histogram, LengthMeter
-from redi.pairing_rules import DROP_REASONS, Candidate, Drop, RowRules, select
-from redi.pairing_sinks import bucketize, shuffled_positions
-from redi.pairing_decode import BadLine, count_range, decode_task
+from redi.pairing.filters import Decontaminator, Histogram, LengthMeter
+from redi.pairing.rules import DROP_REASONS, Candidate, Drop, RowRules, select
+from redi.pairing.sinks import bucketize, shuffled_positions
+from redi.pairing.decode import BadLine, count_range, decode_task
 
 HISTOGRAMS = ("sft_completion", "pair_prompt", "pair_chosen", "pair_rejected")
 COUNTERS = ("rows_read", "sft_problems", "sft_rows", "no_incorrect", "too_long_rows", "pairs", "pairs_too_long",

@@ -19,8 +19,8 @@ import yaml
 
 from redi.config import Config, apply_mapping, load_config, validate
 from redi.errors import UserError
-from redi.guards import CollapseDetector
-from redi.metrics import read_metrics
+from redi.training.guards import CollapseDetector
+from redi.training.metrics import read_metrics
 
 ARM_KEYS = {"name", "objective", "alpha", "beta", "gamma", "learning_rate"}
 COMPARE_KEYS = {"recipe", "sft_checkpoint", "eval_every", "seeds", "arms", "eval", "overrides"}
@@ -89,7 +89,7 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path], dict]:
     """model_dir -> {"accuracy", "sem", ...}: the demo's evaluation on built-in data, else `redi eval`'s."""
     cfg, ev = cc.recipe, cc.eval
     if (data_dir / "eval.jsonl").exists() and cfg.data.startswith("builtin:demo"):
-        from redi.demo import EvalSettings, evaluate_model
+        from redi.experiments.demo import EvalSettings, evaluate_model
 
         problems = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines() if x.strip()]
         problems = problems[: int(ev.get("problems", cfg.task.get("eval_problems", len(problems))))]
@@ -104,8 +104,8 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path], dict]:
         return demo_eval
     if not ev.get("benchmark"):
         raise UserError("compare needs held-out problems: set eval.benchmark (a jsonl/parquet with problem and answer)")
-    from redi.evaluation import EvalSettings as GenericSettings
-    from redi.evaluation import generate_samples, grade_samples, load_benchmark
+    from redi.evaluation.pipeline import EvalSettings as GenericSettings
+    from redi.evaluation.pipeline import generate_samples, grade_samples, load_benchmark
 
     name, problems = load_benchmark(str(ev["benchmark"]), int(ev.get("problems", 0)))
     settings = GenericSettings(samples=int(ev.get("samples", 4)), temperature=float(ev.get("temperature", 0.6)),
@@ -114,7 +114,7 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path], dict]:
                                template=str(ev.get("template", "raw")), seed=cfg.seed, workers=ev.get("workers"))
 
     def generic_eval(model_dir: Path) -> dict:
-        from redi.api import load_tokenizer
+        from redi.training.api import load_tokenizer
         from redi.backend import make_backend
 
         out = model_dir.parent / f"eval-{model_dir.name}"
@@ -149,7 +149,7 @@ def arm_config(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str
 
 def run_arm(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str, out: Path,
             evaluate: Callable[[Path], dict], base_eval: dict) -> dict:
-    from redi.api import train
+    from redi.training.api import train
 
     done = out / "arm_result.json"
     if done.exists():
@@ -190,7 +190,7 @@ def run_arm(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str, o
 
 def sft_checkpoint(cc: CompareConfig, out: Path) -> tuple[str, str]:
     """(SFT model dir, data dir): the configured checkpoint, or stage 1 trained once into OUT/sft."""
-    from redi.api import train
+    from redi.training.api import train
     from redi.builtin import materialise_data
 
     data = materialise_data(cc.recipe.data, out, cc.recipe.seed, cc.recipe.task)

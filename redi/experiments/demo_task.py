@@ -137,7 +137,7 @@ def first_correct_and_wrong(correct: list[bool]) -> tuple[int | None, int | None
     return good, bad
 
 
-# Keys of the config's ``task:`` section besides the teacher's (evaluation keys are read by redi.demo).
+# Keys of the config's ``task:`` section besides the teacher's (evaluation keys are read by redi.experiments.demo).
 OTHER_TASK_KEYS = ("problems", "eval_problems", "eval_samples", "eval_temperature", "eval_top_p",
                    "eval_max_new_tokens", "eval_after_sft", "control", "model")
 

@@ -2,7 +2,7 @@
 
 Prompt: the paper's evaluation instruction inside the model's chat template, with the Qwen-Math system
 prompt, and the generation forced to open with ``<think>`` as rllm did (``<|im_start|>assistant<think>\\n``:
-no newline before ``<think>``). Sampling: T 0.6, top-p 0.95, 16 samples. Grading: redi.grading (the last
+no newline before ``<think>``). Sampling: T 0.6, top-p 0.95, 16 samples. Grading: redi.evaluation.grading (the last
 ``\\boxed{}`` after ``</think>``; an unclosed think block scores 0). Samples are appended to
 ``samples.jsonl`` as they are generated, so an interrupted run resumes without regenerating them, and the
 file is directly gradeable by ``redi grade``.
@@ -140,7 +140,7 @@ def generate_samples(backend: Any, tokenizer: Any, name: str, problems: list[dic
 
 def grade_samples(samples_path: Path, s: EvalSettings) -> dict[str, dict]:
     """Grade samples.jsonl in place (adds verdicts) and return per-benchmark metrics."""
-    from redi.grading import grade_many, summarize
+    from redi.evaluation.grading import grade_many, summarize
 
     rows = [json.loads(x) for x in samples_path.read_text().splitlines() if x.strip()]
     verdicts = grade_many([r["response"] for r in rows], [r["answer"] for r in rows], workers=s.workers,
@@ -164,9 +164,9 @@ def grade_samples(samples_path: Path, s: EvalSettings) -> dict[str, dict]:
 
 
 def evaluate(model: str, benchmarks: list[str], output: str, settings: EvalSettings, backend_name: str = "") -> dict:
-    from redi.api import load_tokenizer
+    from redi.training.api import load_tokenizer
     from redi.backend import make_backend
-    from redi.loop import make_progress
+    from redi.training.loop import make_progress
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

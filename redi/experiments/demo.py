@@ -1,6 +1,6 @@
 """The built-in demo: data -> SFT -> REDI (and a continued-SFT control) -> held-out accuracy, plots, examples.
 
-``run_demo(cfg)`` trains through ``redi.api.train`` like any run, then samples every model with the backend's
+``run_demo(cfg)`` trains through ``redi.training.api.train`` like any run, then samples every model with the backend's
 ``generate``: greedy and at the paper's T = 0.6 / top-p 0.95. Run folder (``cfg.output``): the usual files
 of ``redi train`` (stage 2 is REDI), ``control/`` (the continued-SFT run), ``eval/<arm>.jsonl`` (every
 sample, graded), ``plots/*.png``, and ``summary.json`` (the demo's summary; timings only under "timing").
@@ -20,14 +20,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from redi.api import load_tokenizer, train
+from redi.training.api import load_tokenizer, train
 from redi.backend import make_backend
 from redi.config import Config, load_config
-from redi.demo_task import check_task
+from redi.experiments.demo_task import check_task
 from redi.errors import UserError
-from redi.grading import last_boxed, pass_at_1, sem_paper
-from redi.metrics import read_metrics
-from redi.plots import plot_metric, plot_training_curves
+from redi.evaluation.grading import last_boxed, pass_at_1, sem_paper
+from redi.training.metrics import read_metrics
+from redi.experiments.plots import plot_metric, plot_training_curves
 
 ARMS = {"after_sft": "after SFT (stage 1)", "after_redi": "after REDI (stage 2)",
         "continued_sft": "continued SFT (control)"}
@@ -42,7 +42,7 @@ def default_config_path() -> Path:
             return Path(str(packaged))
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def demo_config(output: str | None = None, path: str | Path | None = None) -> Config:

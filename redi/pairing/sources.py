@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redi import pairing_decode as decode
+from redi.pairing import decode as decode
 from redi.errors import UserError
-from redi.pairing_decode import count_range, decode_task, open_binary, read_range
+from redi.pairing.decode import count_range, decode_task, open_binary, read_range
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _PEEK_ROWS = 200  # rows read to detect the schema of a jsonl input

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from redi import checkpoint as ckpt
+from redi.training import checkpoint as ckpt
 from redi.config import Config, to_dict
 from redi.errors import UserError
 

@@ -11,14 +11,15 @@ from typing import Callable, Sequence
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from redi import checkpoint as ckpt
+from redi.training import checkpoint as ckpt
 from redi.backend import Backend
-from redi.batching import MicroBatch, StepPlan, lr_at
+from redi.backend import MicroBatch
+from redi.training.batching import StepPlan, lr_at
 from redi.config import StageConfig
 from redi.data import TokenizedPair, TokenizedSeq
 from redi.errors import UserError
-from redi.guards import CollapseDetector, NonFiniteBudget
-from redi.metrics import MetricsWriter, pair_step_metrics, sft_step_metrics
+from redi.training.guards import CollapseDetector, NonFiniteBudget
+from redi.training.metrics import MetricsWriter, pair_step_metrics, sft_step_metrics
 from redi.objectives import Objective, PairStats, sft_loss
 
 

@@ -23,7 +23,7 @@ any number of workers.
 Work is split so the main process stays light: it hands out byte ranges / row groups (pairing_sources,
 pairing_decode); worker processes decode, apply the rules (pairing_rules), decontaminate and measure lengths
 (pairing_filters) and build Arrow tables (pairing_work); the main process merges counters, spills tables into
-sort buckets and writes the files. Unlabelled flat rows are graded with math-verify (redi.grading) from the
+sort buckets and writes the files. Unlabelled flat rows are graded with math-verify (redi.evaluation.grading) from the
 main process, in that module's own worker pool.
 """
 from __future__ import annotations
@@ -39,12 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from redi.errors import UserError
-from redi.pairing_decode import count_range
-from redi.pairing_filters import Histogram
-from redi.pairing_rules import CORRECT_IF, SCHEMAS, Drop, detect_schema, needed_columns, required_columns
-from redi.pairing_sinks import BucketedSink, FileWriter, bucket_count
-from redi.pairing_sources import open_source
-from redi.pairing_work import (HISTOGRAMS, BatchWorker, Layout, Tally, WorkSpec, init_worker, run_job, run_process,
+from redi.pairing.decode import count_range
+from redi.pairing.filters import Histogram
+from redi.pairing.rules import CORRECT_IF, SCHEMAS, Drop, detect_schema, needed_columns, required_columns
+from redi.pairing.sinks import BucketedSink, FileWriter, bucket_count
+from redi.pairing.sources import open_source
+from redi.pairing.work import (HISTOGRAMS, BatchWorker, Layout, Tally, WorkSpec, init_worker, run_job, run_process,
                                use_system_allocator)
 
 FORMATS = ("parquet", "jsonl")
@@ -155,7 +155,7 @@ class _Executor:
             # Not fork: pyarrow and tokenizers may hold threads whose locks a fork would copy mid-state.
             ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
             if ctx.get_start_method() == "forkserver":
-                ctx.set_forkserver_preload(["redi.pairing_work"])
+                ctx.set_forkserver_preload(["redi.pairing.work"])
             self._pool = ctx.Pool(self.processes, initializer=init_worker, initargs=(self.spec,))
         return self
 
@@ -184,7 +184,7 @@ class _Executor:
 
 def _grade(candidates: list, opts: PairOptions, tally: Tally) -> list:
     """Math-verify every generation of unlabelled rows (worker processes, one call for the lot)."""
-    from redi.grading import gold_latex, grade_many
+    from redi.evaluation.grading import gold_latex, grade_many
 
     usable = []
     for c in candidates:

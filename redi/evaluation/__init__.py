@@ -1,0 +1,1 @@
+"""Sampling on benchmarks and grading the answers (`redi eval`, `redi grade`)."""

@@ -1,0 +1,1 @@
+"""The built-in demo and `redi compare`: experiments assembled from the core."""
