@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from redi.errors import UserError
+        from redi.errors import Interrupted, UserError
         from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, evaluate
 
         if template not in ("paper", "raw"):
@@ -40,7 +40,10 @@ def register(app: typer.Typer) -> None:
         settings = EvalSettings(samples, temperature, top_p, max_new_tokens, force_think,
                                 None if no_system_prompt else (system_prompt or QWEN_MATH_SYSTEM), template, seed,
                                 batch_size, workers, limit)
-        results = evaluate(model, benchmark, output, settings, backend)
+        try:
+            results = evaluate(model, benchmark, output, settings, backend)
+        except KeyboardInterrupt:
+            raise Interrupted(f"samples so far are in {output}/samples.jsonl; the same command resumes from them") from None
         table = Table(title=f"redi eval: {model}")
         for col in ("benchmark", "problems", f"pass@1 (n={samples})", "± SEM", f"pass@{samples}", "mean tokens",
                     "truncated", "format errors"):

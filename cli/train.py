@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from redi.config import Config, apply_overrides, load_config
-from redi.errors import UserError
+from redi.errors import Interrupted, UserError
 
 
 def default_recipe() -> Path:
@@ -86,5 +86,10 @@ def register(app: typer.Typer) -> None:
 
             run_demo(cfg)
             return
-        summary = run_train(cfg, resume=resume is not None, force=force)
+        try:
+            summary = run_train(cfg, resume=resume is not None, force=force)
+        except KeyboardInterrupt:
+            from redi.training.run_folder import stopped_note
+
+            raise Interrupted(stopped_note(Path(cfg.output))) from None
         typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")
