@@ -87,8 +87,13 @@ def resolve_sources(data: str, stage: str) -> Path | str:
 def iter_rows(source: Path | str) -> Iterator[tuple[int, Any]]:
     """Yield (row number, row) from any supported source; a bad JSON line yields (n, ValueError)."""
     if isinstance(source, Path) and source.suffix in (".jsonl", ".json") and source.is_file():
-        with source.open("r", encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
+        with source.open("rb") as fh:  # bytes, so one bad byte is one malformed row, not a crash
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield n, ValueError(f"not UTF-8 (byte {err.start + 1} of the line)")
+                    continue
                 if not line.strip():
                     continue
                 try:

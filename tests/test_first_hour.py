@@ -48,3 +48,48 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     out, err = proc.communicate(timeout=120)
     line = one_line(proc.returncode, out, err, expect=130)
     assert f"redi train --resume {run}" in line and "checkpoints/step-" in line and "sft step" in line
+
+
+# ----------------------------------------------------------------------------- 4: one non-UTF-8 byte
+
+PAIR = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+
+
+def _pairs_with_bad_byte(path: Path) -> Path:
+    good = json.dumps(PAIR).encode()
+    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "chosen": "2", "rejected": "3"}\n' + good + b"\n")
+    return path
+
+
+def test_non_utf8_row_is_one_malformed_row(tmp_path):
+    from redi.data import iter_rows
+
+    rows = list(iter_rows(_pairs_with_bad_byte(tmp_path / "pairs.jsonl")))
+    assert [n for n, _ in rows] == [1, 2, 3]
+    assert rows[0][1] == PAIR and rows[2][1] == PAIR
+    assert isinstance(rows[1][1], ValueError) and "not UTF-8" in str(rows[1][1])
+
+
+def test_train_names_non_utf8_row_or_skips_it(tmp_path):
+    data = _pairs_with_bad_byte(tmp_path / "pairs.jsonl")
+    args = ["train", "--config", TINY, "--backend", "cpu", "--stage", "pairs", "--data", str(data), "--max-steps", "1"]
+    line = one_line(*redi(*args, "--output", str(tmp_path / "a")))
+    assert "pairs.jsonl row 2: not UTF-8" in line
+    code, out, err = redi(*args, "--output", str(tmp_path / "b"), "--set", "on_malformed=skip")
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "data_report.json").read_text())["pairs"]
+    assert report["kept"] == 2 and report["dropped"] == {"malformed": 1}
+    assert "row 2: not UTF-8" in report["malformed"][0]
+
+
+def test_grade_names_non_utf8_line(tmp_path):
+    import pytest
+
+    from redi.errors import UserError
+    from redi.evaluation.grading import read_responses
+
+    path = tmp_path / "responses.jsonl"
+    good = json.dumps({"id": 1, "response": "\\boxed{2}", "answer": "2"}).encode()
+    path.write_bytes(good + b"\n" + b'{"id": 2, "response": "\\\\boxed{\xff}", "answer": "2"}\n')
+    with pytest.raises(UserError, match=r"responses.jsonl:2: not UTF-8"):
+        read_responses(path)
