@@ -50,14 +50,19 @@ class DataReport:
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     malformed: list[str] = field(default_factory=list)
+    suspicious: dict[str, int] = field(default_factory=dict)  # kept rows worth a warning (empty_prompt, ...)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def flag(self, reason: str) -> None:
+        self.suspicious[reason] = self.suspicious.get(reason, 0) + 1
+
     def to_dict(self) -> dict:
         return {
             "source": self.source, "kind": self.kind, "rows": self.rows, "kept": self.kept,
-            "truncated": self.truncated, "dropped": self.dropped, "malformed": self.malformed[:100],
+            "truncated": self.truncated, "dropped": self.dropped, "suspicious": self.suspicious,
+            "malformed": self.malformed[:100],
         }
 
 
@@ -262,6 +267,17 @@ def _parse_chunk(chunk: list[tuple[int, Any]], report: DataReport, on_malformed:
     return parsed
 
 
+def _check_tokenizer_covers(report: DataReport, encoder: Encoder) -> None:
+    """Most rows turning into no tokens means the tokenizer cannot read this text: stop, naming it."""
+    empty = report.dropped.get("no_completion_tokens", 0)
+    if empty and empty * 2 > report.rows:
+        raise UserError(
+            f"the tokenizer at {encoder.source} turns {empty} of {report.rows} rows of {report.source} into no "
+            f"completion tokens: its vocabulary does not cover this text (transformers loads any tokenizer beside "
+            f"a qwen2 config as Qwen2Tokenizer); use the model's own tokenizer"
+        )
+
+
 def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed: str = "error"
              ) -> tuple[list[TokenizedSeq], DataReport]:
     """SFT examples; rows longer than max_length are right-truncated (and counted), as the authors did."""
@@ -274,6 +290,11 @@ def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed
         prompts = encoder.encode_many([t[1] for t in texts])
         completions = encoder.encode_many([t[2] for t in texts])
         for (n, _, _), p_ids, c_ids in zip(texts, prompts, completions):
+            if not c_ids:
+                report.drop("no_completion_tokens")
+                continue
+            if not p_ids:
+                report.flag("empty_prompt")
             seq = encoder.finish(p_ids, c_ids, n)
             if len(seq.prompt) >= max_length:
                 report.drop("prompt_too_long")
@@ -283,6 +304,7 @@ def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed
                 report.truncated += 1
             out.append(seq)
     report.kept = len(out)
+    _check_tokenizer_covers(report, encoder)
     return out, report
 
 
@@ -301,8 +323,15 @@ def load_pairs(source: Path | str, encoder: Encoder, max_length: int, max_prompt
         prompts = encoder.encode_many([t[1] for t in texts])
         chosens = encoder.encode_many([t[2] for t in texts])
         rejecteds = encoder.encode_many([t[3] for t in texts])
-        for (n, *_), p_ids, c_ids, r_ids in zip(texts, prompts, chosens, rejecteds):
+        for (n, _, c_text, r_text), p_ids, c_ids, r_ids in zip(texts, prompts, chosens, rejecteds):
+            if not c_ids or not r_ids:
+                report.drop("no_completion_tokens")
+                continue
             pair = TokenizedPair(encoder.finish(p_ids, c_ids, n), encoder.finish(p_ids, r_ids, n), n)
+            if not p_ids:
+                report.flag("empty_prompt")
+            if c_text == r_text:
+                report.flag("chosen_equals_rejected")
             if max_prompt_length and len(pair.chosen.prompt) > max_prompt_length:
                 report.drop("prompt_too_long")
             elif pair.length > max_length:
@@ -310,4 +339,5 @@ def load_pairs(source: Path | str, encoder: Encoder, max_length: int, max_prompt
             else:
                 out.append(pair)
     report.kept = len(out)
+    _check_tokenizer_covers(report, encoder)
     return out, report

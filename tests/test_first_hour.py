@@ -93,3 +93,40 @@ def test_grade_names_non_utf8_line(tmp_path):
     path.write_bytes(good + b"\n" + b'{"id": 2, "response": "\\\\boxed{\xff}", "answer": "2"}\n')
     with pytest.raises(UserError, match=r"responses.jsonl:2: not UTF-8"):
         read_responses(path)
+
+
+# ----------------------------------------------------------------------------- 5: text that tokenizes to nothing
+
+
+def _q_only_model(root: Path) -> Path:
+    """A Qwen2 model whose byte-level vocabulary holds only 'q': any other text encodes to no ids."""
+    from redi.tiny import build_model
+
+    return build_model(root, alphabet="q")
+
+
+def _write_pairs(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rows_without_completion_tokens_are_dropped_and_counted(tmp_path):
+    from transformers import AutoTokenizer
+
+    from redi.data import Encoder, load_pairs
+
+    model = _q_only_model(tmp_path / "m")
+    rows = [{"prompt": "qq", "chosen": "q", "rejected": "qqq"}] * 3 + [{"prompt": "qq", "chosen": "7", "rejected": "q"}]
+    encoder = Encoder(AutoTokenizer.from_pretrained(model), source=str(model))
+    pairs, report = load_pairs(_write_pairs(tmp_path / "pairs.jsonl", rows), encoder, max_length=64)
+    assert len(pairs) == 3 and report.dropped == {"no_completion_tokens": 1}
+    assert all(len(p.chosen.completion) >= 2 and len(p.rejected.completion) >= 2 for p in pairs)  # text + EOS
+
+
+def test_tokenizer_that_covers_nothing_stops_with_one_line(tmp_path):
+    model = _q_only_model(tmp_path / "m")
+    data = _write_pairs(tmp_path / "pairs.jsonl", [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i)}
+                                                   for i in range(12)])
+    line = one_line(*redi("train", "--config", TINY, "--backend", "cpu", "--stage", "pairs", "--model", str(model),
+                          "--data", str(data), "--max-steps", "2", "--output", str(tmp_path / "run")))
+    assert f"tokenizer at {model}" in line and "12 of 12 rows" in line
