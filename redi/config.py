@@ -60,13 +60,12 @@ class Config:
     log_every: int = 1
     skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient (skipped, logged)
     stop_on_collapse: bool = False
-    # Collapse alarm: both LogPS fall by collapse_drop nats/token and the update per unit lr grows
-    # collapse_growth-fold between the two halves of a collapse_window-step window, or both fall by
-    # collapse_severe_drop (calibrated on the demo; see redi/training/guards.py).
-    collapse_window: int = 20
+    # Collapse alarm (redi/training/guards.py): both LogPS, averaged over the last collapse_window steps,
+    # sit collapse_drop nats/token below and collapse_ratio times as far below zero as over the first
+    # collapse_window steps after warmup.
+    collapse_window: int = 10
     collapse_drop: float = 0.1
-    collapse_growth: float = 1.15
-    collapse_severe_drop: float = 1.0
+    collapse_ratio: float = 2.0
     on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
     # Torch backend speed and memory (docs/cuda.md); other backends ignore them.
     packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
@@ -214,8 +213,8 @@ def validate(cfg: Config) -> Config:
     checkpointing_mode(cfg.activation_checkpointing)
     if cfg.optim_state_dtype not in ("fp32", "bf16"):
         raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{cfg.optim_state_dtype}'")
-    if cfg.collapse_window < 2:
-        raise UserError(f"config key 'collapse_window' must be at least 2, got {cfg.collapse_window}")
+    if cfg.collapse_window < 1:
+        raise UserError(f"config key 'collapse_window' must be at least 1, got {cfg.collapse_window}")
     for name in ("sft", "pairs"):
         s: StageConfig = getattr(cfg, name)
         checks = {
@@ -239,8 +238,8 @@ def validate(cfg: Config) -> Config:
                 f"'{name}.micro_batch_size' ({s.micro_batch_size})"
             )
     for key in ("save_every", "keep_last", "lm_head_chunk", "log_every", "skip_nonfinite", "collapse_window",
-                "collapse_drop", "collapse_growth", "collapse_severe_drop"):
-        if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_growth") else 0):
+                "collapse_drop", "collapse_ratio"):
+        if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_ratio") else 0):
             raise UserError(f"config key '{key}' is out of range: {getattr(cfg, key)!r}")
     return cfg
 

@@ -168,9 +168,7 @@ def run_arm(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str, o
     evals.append({"step": records[-1]["step"], **evaluate(out / "final")})
     with (out / "evals.jsonl").open("w") as fh:
         fh.writelines(json.dumps(e) + "\n" for e in evals)
-    detector = CollapseDetector(cc.recipe.collapse_window, cc.recipe.collapse_drop, cc.recipe.collapse_growth,
-                                cc.recipe.collapse_severe_drop,
-                                ignore_before=int(np.ceil(cfg.pairs.warmup_ratio * len(records))))
+    detector = CollapseDetector.from_config(cc.recipe, ignore_before=int(np.ceil(cfg.pairs.warmup_ratio * len(records))))
     collapse_steps = [r["step"] for r in records if detector.update(r)]
     peak = max(evals, key=lambda e: e["accuracy"])
     last = records[-1]

@@ -63,7 +63,7 @@ def write_tables(out: Path, rows: list[dict], results: dict, cc: CompareConfig) 
     lines = ["# redi compare", "",
              f"Stage 2 from one SFT checkpoint; {cc.seeds} seed(s) per arm; evaluation every {cc.eval_every} steps. "
              "Accuracy in %: one seed shows ± the paper's SEM over samples, several show mean ± std over seeds. "
-             "Collapse: the alarm of redi/training/guards.py (both LogPS fall while the update norm rises).", "",
+             "Collapse: the alarm of redi/training/guards.py (both LogPS at least 0.1 nats/token below and twice their start).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in

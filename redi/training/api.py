@@ -62,8 +62,7 @@ def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Gua
     collapse = None
     if stage == "pairs":
         warmup = math.ceil(run.settings.warmup_ratio * run.plan().total_steps)
-        collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_drop, cfg.collapse_growth, cfg.collapse_severe_drop,
-                                    ignore_before=warmup)
+        collapse = CollapseDetector.from_config(cfg, ignore_before=warmup)
         for record in previous:  # a resumed run re-reads its window from metrics.jsonl
             if record.get("stage") == stage:
                 collapse.update(record)

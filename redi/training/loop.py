@@ -161,8 +161,8 @@ def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWri
             raise UserError(f"non-finite loss or gradient at {run.name} step {step + 1} (global step {global_step}){where}; "
                             f"--set skip_nonfinite=N tolerates N such steps")
         if collapsed and guards.stop_on_collapse:
-            raise UserError(f"collapse at {run.name} step {step + 1}: chosen and rejected LogPS fell together while "
-                            f"update_norm rose (stop_on_collapse is set); lower the learning rate or alpha")
+            raise UserError(f"collapse at {run.name} step {step + 1}: chosen and rejected LogPS both fell to twice "
+                            f"their start or more (stop_on_collapse is set); lower the learning rate or alpha")
         if progress:
             info = f"loss {record['loss']:.4f}  "
             if run.objective is not None:
