@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from redi.errors import UserError
+from redi.hub import locate
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -82,11 +83,7 @@ def resolve_sources(data: str, stage: str) -> Path | str:
                 if (p / f"pairs{suffix}").exists():
                     return p / f"pairs{suffix}"  # SFT on the chosen traces when no sft file exists
         raise UserError(f"data folder {p} has no {want}.parquet or {want}.jsonl")
-    if p.exists():
-        return p
-    if data.count("/") == 1 and not data.startswith((".", "/")):
-        return data  # a hub name; only reachable when online or cached
-    raise UserError(f"data path not found: {data}")
+    return locate(data, "dataset", "data path")
 
 
 def iter_rows(source: Path | str) -> Iterator[tuple[int, Any]]:

@@ -130,3 +130,32 @@ def test_tokenizer_that_covers_nothing_stops_with_one_line(tmp_path):
     line = one_line(*redi("train", "--config", TINY, "--backend", "cpu", "--stage", "pairs", "--model", str(model),
                           "--data", str(data), "--max-steps", "2", "--output", str(tmp_path / "run")))
     assert f"tokenizer at {model}" in line and "12 of 12 rows" in line
+
+
+# ----------------------------------------------------------------------------- 8: missing paths fail at once
+
+
+def _timed(*args, env=None):
+    t0 = time.perf_counter()
+    result = redi(*args, env=env)
+    return time.perf_counter() - t0, result
+
+
+def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
+    data = _write_pairs(tmp_path / "pairs.jsonl", [PAIR] * 4)
+    cases = [
+        (["train", "--model", "runs/sftt", "--data", str(data)], "model path not found: runs/sftt", {}),
+        (["train", "--model", tiny_model_dir, "--stage", "pairs", "--data", "bad/x.jsonl"],
+         "data path not found: bad/x.jsonl", {}),
+        (["data", "pair", "bad/x.jsonl"], "input not found: bad/x.jsonl", {}),
+        (["eval", "--model", tiny_model_dir, "--benchmark", "math500", "--limit", "1"], "math500", {}),
+        # Not offline, but the hub cannot be reached: still one line, without the hub client's retries.
+        (["train", "--model", "runs/sftt", "--data", str(data)], "the hub is unreachable",
+         {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+    ]
+    for i, (args, expected, env) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        seconds, result = _timed(*args, "--output", str(out), env=env)
+        line = one_line(*result)
+        assert expected in line and "not" in line, line
+        assert seconds < 25, (args, seconds)  # process start and imports; the hub retries took 30-50 s

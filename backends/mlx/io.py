@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from redi.errors import UserError
+from redi.hub import locate
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -28,11 +29,9 @@ MAX_SHARD_BYTES = 50 * 10**9
 
 def resolve_path(model_path: str) -> Path:
     """A local directory, or a hub name resolved through the local HF cache (downloads only when online)."""
-    local = Path(model_path)
-    if local.exists():
+    local = locate(model_path, "model", "model path")
+    if isinstance(local, Path):
         return local
-    if model_path.startswith((".", "/")) or model_path.count("/") != 1:
-        raise UserError(f"model path not found: {model_path}")
     try:
         from huggingface_hub import snapshot_download
 

@@ -53,6 +53,8 @@ class EvalSettings:
 
 def load_benchmark(spec: str, limit: int = 0) -> tuple[str, list[dict]]:
     """(name, [{"id", "problem", "answer"}]) from a benchmark name or a local jsonl/parquet file."""
+    from redi.hub import hub_unusable
+
     path = Path(spec)
     if path.exists():
         from redi.data import iter_rows
@@ -63,6 +65,10 @@ def load_benchmark(spec: str, limit: int = 0) -> tuple[str, list[dict]]:
         import datasets
 
         hub, split = BENCHMARKS[spec]
+        why = hub_unusable(hub, "dataset")
+        if why:  # fail now rather than after the datasets library's retries
+            raise UserError(f"benchmark '{spec}' ({hub}) is not available: {why}; pass a local jsonl/parquet "
+                            f"with problem and answer") from None
         try:
             rows = list(datasets.load_dataset(hub, split=split))
         except Exception as err:

@@ -18,6 +18,7 @@ from redi.builtin import materialise_data, materialise_model
 from redi.config import Config, dump, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
+from redi.hub import locate
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -30,8 +31,7 @@ def load_tokenizer(model_path: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if not Path(model_path).exists() and (model_path.startswith((".", "/")) or model_path.count("/") != 1):
-        raise UserError(f"model path not found: {model_path}")
+    locate(model_path, "model", "model path")
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
