@@ -159,3 +159,55 @@ def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
         line = one_line(*result)
         assert expected in line and "not" in line, line
         assert seconds < 25, (args, seconds)  # process start and imports; the hub retries took 30-50 s
+
+
+# ----------------------------------------------------------------------------- 12, 19: redi data pair
+
+FLAT = {"id": "p0", "problem": "1 + 1?", "answer": "2", "generations": ["3", "2"], "correct": [False, True]}
+
+
+def data_pair(*args, capsys):
+    from redi.cli.main import main
+
+    code = main(["data", "pair", *map(str, args), "--workers", "0", "--shuffle-seed", "none"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_data_pair_with_no_pairs_exits_non_zero(tmp_path, capsys):
+    every_row_bad = _write_pairs(tmp_path / "bad.jsonl", [{"id": "a", "problem": "x"}, {"id": "b", "problem": "y"}])
+    line = one_line(*data_pair(every_row_bad, "--schema", "flat", "-o", tmp_path / "out", capsys=capsys))
+    assert "no pairs came out of" in line and "malformed 2" in line and "report.json" in line
+    all_correct = _write_pairs(tmp_path / "easy.jsonl", [{**FLAT, "correct": [True, True]}])
+    line = one_line(*data_pair(all_correct, "-o", tmp_path / "out2", capsys=capsys))
+    assert "no pairs came out of" in line
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["sft_rows"] == 1  # the report is still there
+
+
+def test_data_pair_refuses_a_non_empty_folder_without_force(tmp_path, capsys):
+    traces = _write_pairs(tmp_path / "traces.jsonl", [FLAT, {**FLAT, "id": "p1"}])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "pairs.jsonl").write_text("mine\n")
+    line = one_line(*data_pair(traces, "-o", run, capsys=capsys))
+    assert str(run) in line and "training run" in line and "--force" in line
+    assert (run / "pairs.jsonl").read_text() == "mine\n" and sorted(p.name for p in run.iterdir()) == [
+        "metrics.jsonl", "pairs.jsonl"]
+    code, _, err = data_pair(traces, "-o", run, "--format", "jsonl", "--force", capsys=capsys)
+    assert code == 0, err
+    assert len((run / "pairs.jsonl").read_text().splitlines()) == 2 and (run / "metrics.jsonl").exists()
+
+
+def test_row_numbers_are_one_based_in_pair_and_train(tmp_path, capsys):
+    lines = [json.dumps(FLAT), "{not json", json.dumps({**FLAT, "id": "p2"})]
+    (tmp_path / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, _ = data_pair(tmp_path / "traces.jsonl", "-o", tmp_path / "out", capsys=capsys)
+    assert code == 0
+    [entry] = json.loads((tmp_path / "out" / "report.json").read_text())["malformed"]
+    assert entry["row"] == 2 and "line 2" in entry["reason"] and "malformed row 2" in out
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join([json.dumps(PAIR), "{not json", json.dumps(PAIR)]) + "\n")
+    from redi.data import iter_rows
+
+    assert [n for n, row in iter_rows(pairs) if isinstance(row, ValueError)] == [2]
