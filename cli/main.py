@@ -18,11 +18,23 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"redi {version('redi')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
     """Reinforcement Distillation: SFT on correct teacher traces, then learn from the wrong ones too."""
 
 
@@ -42,6 +54,8 @@ def _register_commands() -> None:
     data_cmd.register(app)
     from redi.cli import grade as grade_cmd
     grade_cmd.register(app)
+    from redi.cli import config as config_cmd
+    config_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,3 +211,31 @@ def test_row_numbers_are_one_based_in_pair_and_train(tmp_path, capsys):
     from redi.data import iter_rows
 
     assert [n for n, row in iter_rows(pairs) if isinstance(row, ValueError)] == [2]
+
+
+# ----------------------------------------------------------------------------- 18: the knobs, findable
+
+
+def test_version_short_help_and_config_show(capsys):
+    from importlib.metadata import version
+
+    from redi.cli.main import main
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"redi {version('redi')}"
+    assert main(["train", "-h"]) == 0 and "--max-steps" in capsys.readouterr().out
+    assert main(["config", "show", "--set", "alpha=0.5", "--set", "pairs.learning_rate=2e-6"]) == 0
+    lines = {line[2:].split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    from redi.config import valid_keys
+
+    assert set(lines) == set(valid_keys())  # every key, and nothing else
+    assert lines["alpha"].startswith("* ") and lines["alpha"].split()[2:] == ["0.5", "(default", "0.8)"]
+    assert lines["pairs.learning_rate"].split()[2:] == ["2e-06", "(default", "1e-06)"]
+    assert lines["seed"].split() == ["seed", "42"]
+
+
+def test_readme_config_table_is_generated_from_the_code():
+    from redi.config_docs import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
+    assert table == markdown_table(), "README's key table is stale: paste `redi config show --markdown`"
