@@ -8,6 +8,7 @@ is appended once. The completion length L counts exactly the tokens that will be
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -193,6 +194,7 @@ class Encoder:
         self.system_prompt = system_prompt
         self.source = source
         self.eos = tokenizer.eos_token_id
+        self.ignored_system_prompt = False  # set once string rows met a system_prompt (warned once)
         if self.eos is None:
             raise UserError(f"tokenizer at {source} has no eos_token; set one in tokenizer_config.json")
 
@@ -205,6 +207,11 @@ class Encoder:
 
     def texts(self, prompt: Any, completion: Any) -> tuple[str, str]:
         if isinstance(prompt, str) and isinstance(completion, str):
+            if self.system_prompt and not self.ignored_system_prompt:
+                self.ignored_system_prompt = True
+                print("warning: system_prompt is set but the rows are plain strings, which skip the chat "
+                      "template: it is ignored (use message rows to get it; see the README's data formats)",
+                      file=sys.stderr)
             return prompt, completion
         msgs = list(prompt)
         if self.system_prompt and msgs and msgs[0]["role"] != "system":

@@ -80,6 +80,8 @@ def test_train_names_non_utf8_row_or_skips_it(tmp_path):
     report = json.loads((tmp_path / "b" / "data_report.json").read_text())["pairs"]
     assert report["kept"] == 2 and report["dropped"] == {"malformed": 1}
     assert "row 2: not UTF-8" in report["malformed"][0]
+    # 20: training turns use_cache off; the saved model gets the original value back.
+    assert json.loads((tmp_path / "b" / "final" / "config.json").read_text())["use_cache"] is True
 
 
 def test_grade_names_non_utf8_line(tmp_path):
@@ -239,3 +241,21 @@ def test_readme_config_table_is_generated_from_the_code():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
     assert table == markdown_table(), "README's key table is stale: paste `redi config show --markdown`"
+
+
+# ----------------------------------------------------------------------------- 14: string rows skip the template
+
+
+def test_system_prompt_with_string_rows_warns_once(tmp_path, tiny_tokenizer, capsys):
+    from redi.data import Encoder, load_pairs
+
+    data = _write_pairs(tmp_path / "pairs.jsonl", [PAIR] * 3)
+    load_pairs(data, Encoder(tiny_tokenizer, system_prompt="Be brief."), max_length=64)
+    err = capsys.readouterr().err
+    assert err.count("warning: system_prompt is set but the rows are plain strings") == 1
+    messages = {"prompt": [{"role": "user", "content": "1+1="}], "chosen": [{"role": "assistant", "content": "2"}],
+                "rejected": [{"role": "assistant", "content": "3"}]}
+    pairs, _ = load_pairs(_write_pairs(tmp_path / "m.jsonl", [messages]), Encoder(tiny_tokenizer, system_prompt="Be brief."),
+                          max_length=256)
+    assert capsys.readouterr().err == ""
+    assert "Be brief." in tiny_tokenizer.decode(pairs[0].chosen.prompt.tolist())

@@ -145,6 +145,8 @@ class TorchBackend:
     def _prepare_model(self) -> None:
         """Device, train mode, dropout off, layer wrappers, FSDP2 sharding; the packed forward entry point."""
         self.model.to(self.device)
+        # Off while training (no KV cache in a training forward); saved models get the original value back.
+        self.saved_use_cache = getattr(self.model.config, "use_cache", True)
         self.model.config.use_cache = False
         self.model.train()
         for module in self.model.modules():  # TRL's disable_dropout, as the authors trained
@@ -200,6 +202,10 @@ class TorchBackend:
 
     def _finish_model_dir(self, out: Path) -> None:
         write_top_level_rope_theta(out)
+        cfg = json.loads((out / "config.json").read_text())
+        if cfg.get("use_cache") != self.saved_use_cache:
+            cfg["use_cache"] = self.saved_use_cache
+            (out / "config.json").write_text(json.dumps(cfg, indent=2))
         if not self.model_path:
             return
         src = Path(self.model_path)
