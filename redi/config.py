@@ -57,7 +57,7 @@ class Config:
     lora_rank: int = 0  # mlx: >0 trains rank-r LoRA adapters on every linear layer of every block, base frozen
     lora_scale: float = 20.0  # mlx-lm's LoRA scale (it multiplies the adapter output; not PEFT's alpha)
     lora_dora: bool = False  # mlx: DoRA instead of LoRA
-    log_every: int = 1
+    log_every: int = 10  # steps between plain progress lines when stdout is not a terminal
     skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient (skipped, logged)
     stop_on_collapse: bool = False
     # Collapse alarm (redi/training/guards.py): both LogPS, averaged over the last collapse_window steps,

@@ -259,3 +259,29 @@ def test_system_prompt_with_string_rows_warns_once(tmp_path, tiny_tokenizer, cap
                           max_length=256)
     assert capsys.readouterr().err == ""
     assert "Be brief." in tiny_tokenizer.decode(pairs[0].chosen.prompt.tolist())
+
+
+# ----------------------------------------------------------------------------- 16: progress in a log file
+
+
+def test_plain_progress_lines_when_not_a_terminal():
+    import io
+
+    from redi.training.progress import PlainProgress, make_progress
+
+    assert isinstance(make_progress(), PlainProgress)  # pytest's captured stdout is not a terminal
+    stream = io.StringIO()
+    progress = PlainProgress(every=10, seconds=3600, stream=stream)
+    task = progress.add_task("stage pairs", total=25, info="")
+    long_info = "loss 0.5 " + "x" * 150
+    for _ in range(25):
+        progress.update(task, advance=1, info=long_info)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines] == ["1/25", "10/25", "20/25", "25/25"]
+    assert all(long_info in line for line in lines)  # never cut at 80 columns
+    stream = io.StringIO()
+    slow = PlainProgress(every=1000, seconds=0.0, stream=stream)  # the time floor alone prints every update
+    task = slow.add_task("reference log-probs", total=None, info="")
+    for _ in range(3):
+        slow.advance(task, 4)
+    assert [line.split()[2] for line in stream.getvalue().splitlines()] == ["4", "8", "12"]

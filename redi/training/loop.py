@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from redi.training import checkpoint as ckpt
 from redi.backend import Backend
@@ -19,6 +19,7 @@ from redi.config import StageConfig
 from redi.data import TokenizedPair, TokenizedSeq
 from redi.errors import UserError
 from redi.training.guards import CollapseDetector, NonFiniteBudget
+from redi.training.progress import make_progress  # noqa: F401 (the callers' import)
 from redi.training.metrics import MetricsWriter, pair_step_metrics, sft_step_metrics
 from redi.objectives import Objective, PairStats, sft_loss
 
@@ -93,13 +94,6 @@ def rank_share(batches: list[MicroBatch], rank: int, world: int) -> list[tuple[i
     while len(share) < -(-len(batches) // world):
         share.append((-1, dataclasses.replace(batches[rank % len(batches)], weight=0.0)))
     return share
-
-
-def make_progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
-    )
 
 
 def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWriter, *, global_step: int,
