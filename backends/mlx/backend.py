@@ -86,14 +86,15 @@ class MLXBackend:
 
     # ------------------------------------------------------------------ loading and saving
 
-    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
+    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024,
+             model_config: dict | None = None) -> None:
         if precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision must be auto, fp32 or bf16, got '{precision}'")
         # auto is fp32 here: MLX has no autocast, and bf16 pays off only on Apple GPUs.
         self.compute_dtype = mx.bfloat16 if precision == "bf16" else mx.float32
         self.lm_head_chunk = lm_head_chunk
         mx.random.seed(self.seed)
-        self.model, self.config, self.source = io.load_model(model_path)
+        self.model, self.config, self.source = io.load_model(model_path, model_config)
         self.model.eval()  # dropout off, as TRL's disable_dropout does for the torch backend
         self._check_head()
         if self.lora:

@@ -24,7 +24,7 @@ from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_o
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
-from redi.backend import MicroBatch
+from redi.backend import MicroBatch, edit_model_config
 from redi.config import checkpointing_mode
 from redi.errors import UserError
 
@@ -67,6 +67,15 @@ def write_top_level_rope_theta(model_dir: Path) -> None:
     if "rope_theta" not in cfg and "rope_theta" in rope:
         cfg["rope_theta"] = rope["rope_theta"]
         cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def _edited_config(model_path: str, edits: dict):
+    """The model's transformers config with the run's model_config edits, built before the model is."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    raw, _ = PretrainedConfig.get_config_dict(model_path)
+    edited = edit_model_config(raw, edits, model_path)
+    return type(AutoConfig.from_pretrained(model_path)).from_dict(edited)
 
 
 def _cache_kwarg(model) -> str:
@@ -117,7 +126,8 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ loading and saving
 
-    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
+    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024,
+             model_config: dict | None = None) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -128,7 +138,9 @@ class TorchBackend:
         torch.manual_seed(self.seed)
         try:
             # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution.
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+            edited = {"config": _edited_config(model_path, model_config)} if model_config else {}
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa",
+                                                         **edited)
         except OSError as err:
             raise UserError(f"cannot load model from {model_path}: {str(err).splitlines()[0]}") from None
         self.adopt(model, precision=precision, lm_head_chunk=lm_head_chunk, model_path=model_path)
