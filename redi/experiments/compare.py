@@ -177,6 +177,7 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path, Path], 
             return {"accuracy": r["sampled_accuracy"], "sem": r["sampled_accuracy_sem"],
                     "greedy_accuracy": r["greedy_accuracy"], "problems": len(problems), "samples": settings.samples}
 
+        demo_eval.key = _digest({"demo": len(problems), **settings.__dict__})  # type: ignore[attr-defined]
         return demo_eval
     benchmarks = benchmarks_of(ev)
     if not benchmarks:
@@ -194,8 +195,7 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path, Path], 
                                limit=int(ev.get("problems", 0)))
     # The cache folder's name is a digest of everything that decides the samples: change a setting and the
     # samples are generated afresh instead of being reused.
-    key = json.dumps({"benchmarks": benchmarks, "backend": cfg.backend, **asdict(settings)}, sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    digest = _digest({"benchmarks": benchmarks, "backend": cfg.backend, **asdict(settings)})
 
     def generic_eval(model_dir: Path, cache_dir: Path) -> dict:
         out = cache_dir / f"eval-{digest}"
@@ -207,7 +207,12 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path, Path], 
         sem = float(np.sqrt(sum(r["sem"] ** 2 for r in per.values()))) / len(per)
         return {"accuracy": accuracy, "sem": sem, "benchmarks": per, "samples": settings.samples}
 
+    generic_eval.key = digest  # type: ignore[attr-defined]
     return generic_eval
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------- one arm
@@ -235,16 +240,18 @@ def run_arm(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str, o
             evaluate: Callable[[Path, Path], dict], base_eval: dict) -> dict:
     from redi.training.api import train
 
-    done = out / "arm_result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)  # an arm interrupted midway restarts cleanly
+    done, key = out / "arm_result.json", getattr(evaluate, "key", "")
+    previous = json.loads(done.read_text()) if done.exists() else None
+    if previous and previous.get("eval_key") == key:
+        return previous
     t0 = time.time()
     cfg = arm_config(cc, arm, seed, sft_model, data, out)
-    train(cfg)
+    if previous is None:  # trained arms are only re-evaluated when the evaluation settings changed
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)  # an arm interrupted midway restarts cleanly
+        train(cfg)
     records = read_metrics(out / "metrics.jsonl")
     evals = [{"step": 0, **base_eval}]
     for ckpt in sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
@@ -269,7 +276,7 @@ def run_arm(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str, o
         "final_rejected_logps": last.get("logps/rejected_normalized"),
         "max_update_norm": max(r["update_norm"] for r in records if r.get("update_norm") is not None),
         "collapse": bool(collapse_steps), "first_collapse_step": collapse_steps[0] if collapse_steps else None,
-        "wall_time_s": round(time.time() - t0, 1),
+        "wall_time_s": round(time.time() - t0 + (previous or {}).get("wall_time_s", 0.0), 1), "eval_key": key,
     }
     done.write_text(json.dumps(result, indent=2))
     return result

@@ -205,7 +205,7 @@ def run_compare(config: Path, output: Path, backend: str = "", seeds: int | None
     for name, model in models.items():
         # Cached under OUTPUT/start/NAME: the user's SFT folder is read, never written.
         cache = output / "start" / name
-        done = cache / "eval.json"
+        done = cache / f"eval-{getattr(evaluate, 'key', 'default')}.json"
         if not done.exists():
             cache.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(evaluate(Path(model), cache)))
