@@ -31,7 +31,10 @@ def _stats(values: list, scale: float = 1.0) -> tuple[float | None, float | None
 
 
 def _num(x: float | None, digits: int) -> str | float:
-    return "" if x is None else round(x, digits)
+    """``digits`` decimals for percentages; tiny quantities (an update norm) keep 6 significant digits instead."""
+    if x is None:
+        return ""
+    return round(x, digits) if abs(x) >= 10 ** -digits * 100 or x == 0 else float(f"{x:.6g}")
 
 
 def table_rows(cc: CompareConfig, results: dict[str, list[dict]]) -> list[dict]:
