@@ -183,19 +183,22 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path, Path], 
     if not benchmarks:
         raise UserError("compare needs held-out problems: set eval.benchmarks (names or jsonl/parquet files with "
                         "problem and answer)")
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
     from redi.evaluation.pipeline import EvalSettings as GenericSettings
     from redi.evaluation.pipeline import evaluate
 
-    settings = GenericSettings(samples=int(ev.get("samples", 4)), temperature=float(ev.get("temperature", 0.6)),
-                               top_p=float(ev.get("top_p", 0.95)), max_new_tokens=int(ev.get("max_new_tokens", 1024)),
-                               force_think=bool(ev.get("force_think", False)), system_prompt=ev.get("system_prompt"),
-                               template=str(ev.get("template", "raw")), seed=cfg.seed, workers=ev.get("workers"),
-                               limit=int(ev.get("problems", 0)))
-    # The cache folder's name is a digest of everything that decides the samples: change a setting and the
-    # samples are generated afresh instead of being reused.
-    digest = _digest({"benchmarks": benchmarks, "backend": cfg.backend, **asdict(settings)})
+    # Any `redi eval` setting can be given under eval: (the engine too, where the pipeline has one);
+    # compare's defaults are cheaper than `redi eval`'s: 4 samples of 1,024 tokens on the raw problem.
+    known = {f.name for f in fields(GenericSettings)}
+    unknown = sorted(set(ev) - known - {"benchmark", "benchmarks", "problems"})
+    if unknown:
+        raise UserError(f"unknown eval key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known | {'benchmarks', 'problems'}))}")
+    chosen = {"samples": 4, "max_new_tokens": 1024, "force_think": False, "system_prompt": None, "template": "raw",
+              **{k: v for k, v in ev.items() if k in known}, "seed": cfg.seed, "limit": int(ev.get("problems", 0))}
+    settings = GenericSettings(**chosen)
+    digest = _digest({"benchmarks": benchmarks, "backend": cfg.backend,
+                      **{k: v for k, v in asdict(settings).items() if k != "workers"}})  # workers: grading only
 
     def generic_eval(model_dir: Path, cache_dir: Path) -> dict:
         out = cache_dir / f"eval-{digest}"
