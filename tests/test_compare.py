@@ -174,7 +174,7 @@ def test_paper_grid_runs_end_to_end_on_a_tiny_model(tmp_path):
     sets = [f"sft_checkpoints.sft-3ep.path={sft3}", f"sft_checkpoints.sft-5ep.path={sft5}", "data=builtin:tiny",
             "backend=cpu", "pairs.max_steps=2", "pairs.batch_size=8", "pairs.micro_batch_size=8",
             "pairs.max_length=256", "pairs.max_prompt_length=128", "eval_every=2", f"eval.benchmarks=[{bench}]",
-            "eval.samples=1", "eval.max_new_tokens=4", "eval.workers=1"]
+            "eval.samples=1", "eval.max_new_tokens=4", "eval.workers=1", "task.problems=16", "system_prompt="]
     printed = io.StringIO()
     out = tmp_path / "C"
     run_compare(PAPER_GRID, out, console=Console(file=printed, width=80), sets=sets)
