@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
         keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep only the newest K checkpoints.  [default: 2]"),
         skip_nonfinite: Optional[int] = typer.Option(None, "--skip-nonfinite", help="Tolerate up to N non-finite steps (skipped and logged).  [default: 0]"),
         stop_on_collapse: bool = typer.Option(False, "--stop-on-collapse", help="Stop when the collapse alarm fires."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config (what config.yaml will hold) and exit."),
         overrides: List[str] = typer.Option([], "--set", help="KEY=VALUE for any config key, e.g. pairs.learning_rate=1e-6."),
     ) -> None:
         """Train stage 1 (SFT on correct traces) and/or stage 2 (pairs with REDI, DPO, SimPO...).
@@ -82,6 +83,17 @@ def register(app: typer.Typer) -> None:
             cfg.skip_nonfinite = skip_nonfinite
         if stop_on_collapse:
             cfg.stop_on_collapse = True
+        if dry_run:
+            import yaml
+
+            from redi.backend import default_backend
+            from redi.config import objective_line, resolved_dict, validate
+
+            validate(cfg)
+            if cfg.stage != "sft":
+                typer.echo(f"# {objective_line(cfg)}")
+            typer.echo(yaml.safe_dump(resolved_dict(cfg, cfg.backend or default_backend()), sort_keys=False), nl=False)
+            return
         if demo and cfg.model == "builtin:demo":
             # No model, data or recipe given: the built-in demo (data -> SFT -> REDI -> held-out evaluation).
             from redi.experiments.demo import run_demo

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -86,14 +86,15 @@ class MLXBackend:
 
     # ------------------------------------------------------------------ loading and saving
 
-    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
+    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024,
+             model_config: dict | None = None) -> None:
         if precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision must be auto, fp32 or bf16, got '{precision}'")
         # auto is fp32 here: MLX has no autocast, and bf16 pays off only on Apple GPUs.
         self.compute_dtype = mx.bfloat16 if precision == "bf16" else mx.float32
         self.lm_head_chunk = lm_head_chunk
         mx.random.seed(self.seed)
-        self.model, self.config, self.source = io.load_model(model_path)
+        self.model, self.config, self.source = io.load_model(model_path, model_config)
         self.model.eval()  # dropout off, as TRL's disable_dropout does for the torch backend
         self._check_head()
         if self.lora:
@@ -270,11 +271,7 @@ class MLXBackend:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
-        key = mx.random.key(seed)
-        outputs: list[list[int]] = []
-        for start in range(0, len(prompts), batch_size):
-            key, sub = mx.random.split(key)
-            outputs.extend(generate_batch(self.model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, key=sub, eos_id=eos_id))
-        return outputs
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        return generate_batch(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, key=mx.random.key(seed), eos_id=eos_id, stop_ids=stop_ids,
+                              batch_size=batch_size)

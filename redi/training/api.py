@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from redi.training import checkpoint as ckpt
-from redi.backend import Backend, make_backend
+from redi.backend import Backend, make_backend, model_edits
 from redi.builtin import materialise_data, materialise_model
-from redi.config import Config, dump, validate
+from redi.config import Config, dump, objective_line, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
 from redi.hub import locate
@@ -53,9 +53,20 @@ def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder:
         objective = make_objective(cfg.objective, **cfg.objective_params())
     if not examples:
         raise UserError(f"no usable {stage} rows in {source} ({report.rows} read, dropped: {report.dropped or 'none'})")
+    _shrink_to_data(settings, len(examples))
     run = StageRun(stage, settings, examples, objective, cfg.seed)
     run.report = report.to_dict()  # type: ignore[attr-defined]
     return run
+
+
+def _shrink_to_data(settings, n_examples: int) -> None:
+    """A batch larger than the data is the data (what the step plan trains anyway); config.yaml records it.
+    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid."""
+    if n_examples >= settings.batch_size:
+        return
+    settings.batch_size = n_examples
+    settings.micro_batch_size = max(d for d in range(1, min(settings.micro_batch_size, n_examples) + 1)
+                                    if n_examples % d == 0)
 
 
 def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Guards:
@@ -97,7 +108,9 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
                                                   materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
     encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
     if main:
-        dump(cfg, run_dir / "config.yaml")
+        if "pairs" in stages:
+            print(objective_line(cfg), flush=True)
+        dump(cfg, run_dir / "config.yaml", backend.name)
         if state:
             truncate_metrics(metrics_path, state["global_step"])
         elif metrics_path.exists():
@@ -127,9 +140,10 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
                 reports[stage] = run.report  # type: ignore[attr-defined]
                 if main:
                     (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
+                    dump(cfg, run_dir / "config.yaml", backend.name)  # batch sizes after any shrink to the data
                 two_stage_second = stage == "pairs" and len(stages) == 2
                 backend.load(str(run_dir / "sft_final") if two_stage_second else model_path,
-                             precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
+                             precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk, **model_edits(cfg))
                 if index == 0 or two_stage_second:
                     check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0)
                 backend.start_stage(weight_decay=run.settings.weight_decay)

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from redi.training import checkpoint as ckpt
-from redi.config import Config, to_dict
+from redi.config import Config, resolved_dict
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
@@ -51,7 +51,7 @@ def config_drift(run_dir: Path, cfg: Config) -> list[str]:
     if not saved_path.exists():
         return []
     saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = flatten(to_dict(cfg))
+    now = flatten(resolved_dict(cfg))
     return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
 
