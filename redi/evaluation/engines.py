@@ -186,6 +186,12 @@ class VLLMEngine:
             result.append([completion(self.tokenizer, c.token_ids, stop_set) for c in ordered])
         return result
 
+    def close(self) -> None:
+        """Stop vLLM's engine processes now rather than at interpreter exit (when logging is already gone)."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
 
 def _cuda_visible() -> bool:
     if importlib.util.find_spec("torch") is None:
