@@ -70,7 +70,9 @@ def stop_token_ids(tokenizer: Any, model_dir: str | Path | None = None) -> list[
 
 
 def vllm_available() -> bool:
-    return sys.platform.startswith("linux") and importlib.util.find_spec("vllm") is not None
+    # origin None: a namespace package (any folder named vllm on sys.path), not vLLM.
+    spec = importlib.util.find_spec("vllm") if sys.platform.startswith("linux") else None
+    return spec is not None and spec.origin is not None
 
 
 def default_engine() -> str:
