@@ -51,8 +51,10 @@ class EvalSettings:
     limit: int = 0
 
 
-def load_benchmark(spec: str, limit: int = 0) -> tuple[str, list[dict]]:
-    """(name, [{"id", "problem", "answer"}]) from a benchmark name or a local jsonl/parquet file."""
+def load_benchmark(spec: str, limit: int = 0, id_field: str | None = None) -> tuple[str, list[dict]]:
+    """(name, [{"id", "problem", "answer"}]) from a benchmark name or a local jsonl/parquet file.
+
+    ``id_field``: the column that holds each problem's id (default: id, else unique_id, else the row index)."""
     path = Path(spec)
     if path.exists():
         from redi.data import iter_rows
@@ -80,7 +82,10 @@ def load_benchmark(spec: str, limit: int = 0) -> tuple[str, list[dict]]:
         if problem is None or answer is None:
             raise UserError(f"{spec} row {i + 1}: needs a problem ({'/'.join(PROBLEM_KEYS)}) and an answer "
                             f"({'/'.join(ANSWER_KEYS)})")
-        out.append({"id": row.get("id", row.get("unique_id", i)), "problem": problem, "answer": answer})
+        if id_field is not None and row.get(id_field) is None:
+            raise UserError(f"{spec} row {i + 1}: no id in field '{id_field}' (--id-field)")
+        pid = row[id_field] if id_field is not None else row.get("id", row.get("unique_id", i))
+        out.append({"id": pid, "problem": problem, "answer": answer})
     return name, out[:limit] if limit else out
 
 
