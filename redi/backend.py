@@ -11,7 +11,7 @@ import math
 import platform
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -66,7 +66,11 @@ class Backend(Protocol):
     def save_state(self, path: str) -> None: ...
     def load_state(self, path: str) -> None: ...
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int) -> list[list[int]]: ...
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Sample one completion per prompt, continuously batched over ``batch_size`` rows (a finished row
+        takes the next prompt); a row ends at ``eos_id``, any of ``stop_ids`` (included in its output) or
+        ``max_new_tokens``."""
+        ...
     def num_parameters(self) -> int: ...
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -270,11 +270,7 @@ class MLXBackend:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
-        key = mx.random.key(seed)
-        outputs: list[list[int]] = []
-        for start in range(0, len(prompts), batch_size):
-            key, sub = mx.random.split(key)
-            outputs.extend(generate_batch(self.model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, key=sub, eos_id=eos_id))
-        return outputs
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        return generate_batch(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, key=mx.random.key(seed), eos_id=eos_id, stop_ids=stop_ids,
+                              batch_size=batch_size)

@@ -11,7 +11,7 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, 
                                                packed_attention_mode)
 from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_optimizer_state, load_full_model_state,
                                                  load_full_optimizer_state, shard)
+from redi.backends.torch_cuda.generate import generate as generate_rows
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
@@ -336,61 +337,19 @@ class TorchBackend:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Continuous batching over ``batch_size`` rows (backends/torch_cuda/generate.py); a row stops at
+        ``eos_id`` or any of ``stop_ids``; ``eos_id`` also pads."""
         self.model.eval()
         self.model.config.use_cache = True
-        outputs: list[list[int]] = []
         gen = torch.Generator(device=self.device).manual_seed(seed)
         try:
-            for start in range(0, len(prompts), batch_size):
-                outputs.extend(self._generate_batch(prompts[start:start + batch_size], max_new_tokens,
-                                                    temperature, top_p, gen, eos_id))
+            return generate_rows(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, gen=gen, stop_ids={eos_id, *stop_ids}, pad_id=eos_id,
+                                 batch_size=batch_size, device=self.device, autocast=self._autocast,
+                                 cache_kwarg=_cache_kwarg(self.model))
         finally:
             self.model.config.use_cache = False
             self.model.train()
-        return outputs
-
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, gen, eos_id) -> list[list[int]]:
-        # A plain sampling loop with a KV cache, left-padded: deterministic under our own Generator,
-        # unlike HF generate, which draws from the global RNG.
-        from transformers import DynamicCache
-
-        n, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((n, width), eos_id, dtype=torch.long, device=self.device)
-        attn = torch.zeros((n, width), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, device=self.device)
-            attn[i, width - len(p):] = 1
-        cache, cache_kwarg = DynamicCache(), _cache_kwarg(self.model)
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        out = torch.zeros((n, 0), dtype=torch.long, device=self.device)
-        step_ids = ids
-        for _ in range(max_new_tokens):
-            position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-            with self._autocast():
-                logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=position,
-                                    use_cache=True, **{cache_kwarg: cache}).logits[:, -1].float()
-            nxt = sample_next(logits, temperature, top_p, gen)
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-            step_ids = nxt[:, None]
-            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=self.device)], dim=1)
-        result = []
-        for row in out.tolist():
-            result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-        return result
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

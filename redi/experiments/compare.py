@@ -105,6 +105,7 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path], dict]:
     if not ev.get("benchmark"):
         raise UserError("compare needs held-out problems: set eval.benchmark (a jsonl/parquet with problem and answer)")
     from redi.evaluation.pipeline import EvalSettings as GenericSettings
+    from redi.evaluation.engines import NativeEngine, stop_token_ids
     from redi.evaluation.pipeline import generate_samples, grade_samples, load_benchmark
 
     name, problems = load_benchmark(str(ev["benchmark"]), int(ev.get("problems", 0)))
@@ -121,7 +122,9 @@ def make_evaluator(cc: CompareConfig, data_dir: Path) -> Callable[[Path], dict]:
         out.mkdir(exist_ok=True)
         backend = make_backend(cfg.backend, cfg.seed)
         backend.load(str(model_dir), precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
-        generate_samples(backend, load_tokenizer(str(model_dir)), name, problems, settings, out / "samples.jsonl")
+        tokenizer = load_tokenizer(str(model_dir))
+        generate_samples(NativeEngine(backend, tokenizer), name, problems, settings, out / "samples.jsonl",
+                         stop_token_ids(tokenizer, model_dir))
         r = grade_samples(out / "samples.jsonl", settings)[name]
         return {"accuracy": r["pass@1"], "sem": r["sem"] or 0.0, "problems": r["problems"], "samples": settings.samples}
 
