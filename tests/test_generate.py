@@ -13,11 +13,15 @@ from redi.pairing.generate import (OPENR1_INSTRUCTION, Completion, GenerateSetti
                                    label_problems, load_problems, read_done, render_prompt)
 
 # Completions as the engine returns them: the text after the forced "<think>\n" opener.
-RIGHT = Completion("7+8 is 15.\n</think>\nSo \\boxed{15}", 12, "stop")
-WRONG = Completion("7+8 is 14.\n</think>\nSo \\boxed{14}", 12, "stop")
-TRUNCATED_RIGHT = Completion("7+8 is 15.\n</think>\nSo \\boxed{15}", 40, "length")  # boxed right, but cut
-UNCLOSED = Completion("7+8 is 15, so \\boxed{15}", 9, "stop")  # the think block never closed
-NO_BOX = Completion("hmm\n</think>\nfifteen", 5, "stop")
+def _completion(text: str, tokens: int, finish_reason: str) -> Completion:
+    return Completion(list(range(tokens)), text, finish_reason)
+
+
+RIGHT = _completion("7+8 is 15.\n</think>\nSo \\boxed{15}", 12, "stop")
+WRONG = _completion("7+8 is 14.\n</think>\nSo \\boxed{14}", 12, "stop")
+TRUNCATED_RIGHT = _completion("7+8 is 15.\n</think>\nSo \\boxed{15}", 40, "length")  # boxed right, but cut
+UNCLOSED = _completion("7+8 is 15, so \\boxed{15}", 9, "stop")  # the think block never closed
+NO_BOX = _completion("hmm\n</think>\nfifteen", 5, "stop")
 
 PROBLEMS = [
     {"id": "mixed", "problem": "7+8=?", "answer": "15"},
@@ -55,10 +59,16 @@ def test_verdicts_and_recorded_fields(labelled):
     assert [row["problem_id"] for row in labelled] == ["mixed", "all-right", "all-wrong", "right-last"]
 
 
+def test_rllm_grader_gives_the_same_verdicts_here():
+    # Plain integers: rllm's reward and math-verify agree; what differs is covered by the grader's own tests.
+    rows = label_problems(PROBLEMS, TRACES, GenerateSettings(samples=4, workers=0, grader="rllm"))
+    assert [row["verdicts"] for row in rows] == VERDICTS
+
+
 def test_no_forced_think_grades_plain_answers():
     # Without forcing, a trace with no think block at all is graded on its text; an opened, unclosed one is not.
-    plain = [Completion("\n7+8+0=15>5\nc=1>15\n\\boxed{15}", 20, "stop"),
-             Completion("<think>\n\\boxed{15}", 5, "stop")]
+    plain = [_completion("\n7+8+0=15>5\nc=1>15\n\\boxed{15}", 20, "stop"),
+             _completion("<think>\n\\boxed{15}", 5, "stop")]
     row = label_problems(PROBLEMS[:1], [plain], GenerateSettings(samples=2, force_think=False, workers=0))[0]
     assert row["verdicts"] == ["correct", "format_error"]
     assert row["generations"][0] == plain[0].text

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from redi.errors import UserError
+from redi.evaluation.engines import Completion  # what an engine returns per trace: token_ids, text, finish_reason
 
 # open-r1 scripts/generate_reasoning.py, the script behind OpenR1-Math (its --prompt-template default).
 OPENR1_INSTRUCTION = ("You will be given a problem. Please reason step by step, and put your final answer within "
@@ -76,17 +77,11 @@ class GenerateSettings:
         """What must not change between a run and its resume (the traces would differ)."""
         keep = ("samples", "temperature", "top_p", "max_new_tokens", "system_prompt", "instruction",
                 "chat_template", "force_think", "grader", "seed", "chunk_problems", "id_field")
+        from redi.evaluation.settings import model_identity
+
         values = asdict(self)
-        return {"teacher": teacher, "problems": problems, "engine": engine, **{k: values[k] for k in keep}}
-
-
-@dataclass
-class Completion:
-    """One sampled trace as the engine returns it (text without the forced ``<think>`` opener)."""
-
-    text: str
-    tokens: int
-    finish_reason: str  # "stop" | "length"
+        return {"teacher": model_identity(teacher), "problems": model_identity(problems), "engine": engine,
+                **{k: values[k] for k in keep}}
 
 
 # --------------------------------------------------------------------------------------------- problems
@@ -125,12 +120,14 @@ def render_prompt(tokenizer: Any, problem: str, s: GenerateSettings) -> str:
 def _grade(responses: list[str], answers: list, s: GenerateSettings):
     from redi.evaluation.grading import grade_many
 
-    return grade_many(responses, answers, workers=s.workers, require_think=s.force_think)
+    return grade_many(responses, answers, workers=s.workers, require_think=s.force_think, grader=s.grader)
 
 
 def label_problems(problems: Sequence[dict], completions: Sequence[Sequence[Completion]],
                    s: GenerateSettings) -> list[dict]:
     """Grade every trace and build one output row per problem: the function engine output goes to.
+
+    ``completions[i]``: problem i's traces as the engine returned them (text after the forced opener).
 
     Row: ``problem_id, problem, answer, generations, correct`` (what `redi data pair` reads, schema ``flat``)
     and per trace ``verdicts, extracted_answers, finish_reasons, num_tokens``.
@@ -157,7 +154,8 @@ def label_problems(problems: Sequence[dict], completions: Sequence[Sequence[Comp
         rows.append({"problem_id": str(problem["id"]), "problem": problem["problem"], "answer": problem["answer"],
                      "generations": texts, "correct": [label == "correct" for label in labels],
                      "verdicts": labels, "extracted_answers": extracted,
-                     "finish_reasons": [t.finish_reason for t in traces], "num_tokens": [t.tokens for t in traces]})
+                     "finish_reasons": [t.finish_reason for t in traces],
+                     "num_tokens": [len(t.token_ids) for t in traces]})
     return rows
 
 
@@ -271,10 +269,9 @@ def _run_chunks(engine: Any, tokenizer: Any, problems: list[dict], done: dict, s
         outputs = engine.generate(ids, n=s.samples, temperature=s.temperature, top_p=s.top_p,
                                   max_new_tokens=s.max_new_tokens, seed=s.seed + k, stop_token_ids=stop_ids)
         seconds += time.perf_counter() - started
-        completions = [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in outs] for outs in outputs]
-        tokens += sum(c.tokens for outs in completions for c in outs)
-        traces += sum(len(outs) for outs in completions)
-        append_rows(traces_path, label_problems(chunk, completions, s))
+        tokens += sum(len(c.token_ids) for outs in outputs for c in outs)
+        traces += sum(len(outs) for outs in outputs)
+        append_rows(traces_path, label_problems(chunk, outputs, s))
         finished += len(chunk)
         if on_chunk:
             on_chunk(finished, sum(len(c) for _, c in todo))
@@ -285,9 +282,13 @@ def _run_chunks(engine: Any, tokenizer: Any, problems: list[dict], done: dict, s
 
 
 def generate_traces(teacher: str, problems_spec: str, output: str | Path, s: GenerateSettings, *,
-                    force: bool = False, on_chunk: Callable[[int, int], None] | None = None) -> GenerateResult:
-    """The whole of `redi data generate`: load, guard the folder, generate what is missing, report."""
-    from redi.evaluation.engines import make_engine, stop_token_ids
+                    force: bool = False, on_chunk: Callable[[int, int], None] | None = None,
+                    engine: Any = None) -> GenerateResult:
+    """The whole of `redi data generate`: load, guard the folder, generate what is missing, report.
+
+    ``engine``: an already started engine for ``teacher`` (benchmarks reuse one across runs); default: start one
+    when something is left to generate."""
+    from redi.evaluation.engines import default_engine, make_engine, stop_token_ids
     from redi.evaluation.settings import guard_settings
     from redi.training.api import load_tokenizer
 
@@ -297,14 +298,15 @@ def generate_traces(teacher: str, problems_spec: str, output: str | Path, s: Gen
     if not problems:
         raise UserError(f"{problems_spec}: no problems")
     out.mkdir(parents=True, exist_ok=True)
-    engine_name = s.engine or _default_engine()
-    guard_settings(out, s.guarded(teacher, problems_spec, engine_name), force=force)
+    engine_name = s.engine or default_engine()
+    guard_settings(out, s.guarded(teacher, problems_spec, engine_name), force=force, data_file=TRACES_FILE)
     traces_path = out / TRACES_FILE
     done = read_done(traces_path)
     timing = None
     if any(str(p["id"]) not in done for p in problems):
-        tokenizer = load_tokenizer(teacher)
-        engine = make_engine(engine_name, teacher, backend=s.backend, seed=s.seed)
+        tokenizer = engine.tokenizer if engine is not None else load_tokenizer(teacher)
+        if engine is None:
+            engine = make_engine(engine_name, teacher, backend=s.backend, seed=s.seed, tokenizer=tokenizer)
         timing = _run_chunks(engine, tokenizer, problems, done, s, traces_path,
                              stop_token_ids(tokenizer, teacher), on_chunk)
     wanted = {str(p["id"]) for p in problems}
@@ -316,9 +318,3 @@ def generate_traces(teacher: str, problems_spec: str, output: str | Path, s: Gen
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out / REPORT_FILE)
     return GenerateResult(out, report, timing["problems_generated"] if timing else 0)
-
-
-def _default_engine() -> str:
-    from redi.evaluation.engines import default_engine
-
-    return default_engine()
