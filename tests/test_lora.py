@@ -308,3 +308,31 @@ def test_sigkill_during_a_stage_2_checkpoint_then_resume_is_bit_identical(kill_r
     assert losses == ref_losses and len(losses) == 12  # no step repeated or skipped, bit-identical values
     assert set(adapter) == set(ref_adapter) and all(np.array_equal(adapter[k], ref_adapter[k]) for k in adapter)
     assert set(merged) == set(ref_merged) and all(np.array_equal(merged[k], ref_merged[k]) for k in merged)
+
+
+def test_bf16_frozen_base_gives_the_autocast_products_bit_for_bit(tmp_path):
+    """The CUDA memory saving (frozen block linears stored in bf16 under bf16 autocast), checked with the CPU's
+    bf16 autocast on a model whose weights are bf16-representable, as released checkpoints are."""
+    from transformers import AutoModelForCausalLM
+
+    from redi.backends.torch_cuda import lora as torch_lora
+    from redi.tiny import TinyQwen2, build_model
+
+    path = build_model(tmp_path / "m", shape=TinyQwen2(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2), seed=5)
+    spec, ids = LoraSpec(rank=4, scale=8.0), torch.from_numpy(IDS).long()
+    models = []
+    for frozen in (None, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).float()  # bf16-representable
+        torch_lora.wrap(model, spec, seed=0, frozen_dtype=frozen)
+        with torch.no_grad():
+            for _, layer in torch_lora.lora_layers(model):
+                layer.lora_B["default"].weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        models.append(model)
+    kinds = {n: p.dtype for n, p in models[1].named_parameters()}
+    assert kinds["model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert kinds["model.layers.0.self_attn.q_proj.lora_A.default.weight"] == torch.float32
+    assert kinds["model.embed_tokens.weight"] == kinds["model.norm.weight"] == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = (m(input_ids=ids).logits.float() for m in models)
+    assert torch.equal(got, want)

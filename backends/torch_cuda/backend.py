@@ -144,7 +144,7 @@ class TorchBackend:
         self.model = model.float()
         self.model.config._attn_implementation = "sdpa"
         if self.lora:
-            torch_lora.wrap(self.model, self.lora, self.seed)
+            torch_lora.wrap(self.model, self.lora, self.seed, torch.bfloat16 if self.autocast else None)
         self._prepare_model()
 
     def _prepare_model(self) -> None:
