@@ -346,3 +346,44 @@ def test_lora_lowers_the_training_loss_on_the_demo_task(tmp_path):
     train(cfg)
     losses = [r["loss"] for r in _metrics(tmp_path / "demo")]
     assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.2, losses  # 3.31 -> ~2.85 measured
+
+
+def _pair_batch(model_dir: str):
+    from transformers import AutoTokenizer
+
+    from redi.backend import MicroBatch
+    from redi.data import Encoder
+
+    enc = Encoder(AutoTokenizer.from_pretrained(model_dir))
+    seqs = []
+    for completion in ("12+345=357 \\boxed{357}", "12+345=367"):
+        p, c = enc.texts([{"role": "user", "content": "12+345=?"}], [{"role": "assistant", "content": completion}])
+        ids = enc.encode_many([p, c])
+        seqs.append(enc.finish(ids[0], ids[1], 0))
+    return MicroBatch(seqs, 1, 1.0, np.arange(1))
+
+
+@pytest.mark.parametrize("name", ["torch", pytest.param("mlx", marks=needs_mlx)])
+def test_lora_dropout_acts_in_training_passes_only(tiny_model_dir, name):
+    from redi.backend import make_backend
+    from redi.objectives import make_objective
+    from redi.training.loop import StageRun, micro_batch_loss
+
+    def backend(dropout):
+        b = make_backend("cpu" if name == "torch" else "mlx", 0, lora=LoraSpec(rank=4, scale=8.0, dropout=dropout))
+        b.load(tiny_model_dir)
+        b.start_stage(weight_decay=0.0)
+        return b
+
+    batch, run = _pair_batch(tiny_model_dir), StageRun("pairs", None, [], make_objective("redi"), 0)
+    for dropout in (0.0, 0.5):
+        b = backend(dropout)
+        b.forward_backward(batch, micro_batch_loss(run, batch))
+        b.optimizer_step(1e-2, 1.0)  # B != 0 from here on, so dropping adapter inputs changes S
+        reference = b.sequence_logps(batch)[0]
+        assert np.array_equal(b.sequence_logps(batch)[0], reference)  # no random mask outside training
+        s = b.forward_backward(batch, micro_batch_loss(run, batch))[0]
+        if dropout:
+            assert not np.allclose(s, reference, rtol=1e-4)  # the training pass did drop adapter inputs
+        else:
+            np.testing.assert_allclose(s, reference, rtol=1e-6)

@@ -217,10 +217,14 @@ class MLXBackend:
             s = self._fn(p, *scored.arrays())
             return loss_fn(self.ops, s, lengths), s
 
+        if self.lora and self.lora.dropout:
+            mlx_lora.set_dropout(self.model, True)
         try:
             (_, s), grads = mx.value_and_grad(loss_of)(params)
         finally:
             self.model.update(params)  # the fp32 masters, not the (cast) arrays seen while differentiating
+            if self.lora and self.lora.dropout:
+                mlx_lora.set_dropout(self.model, False)
         grads = dict(tree_flatten(grads))
         self._grads = grads if self._grads is None else {k: self._grads[k] + g for k, g in grads.items()}
         mx.eval(s, self._grads)

@@ -29,8 +29,14 @@ def wrap(model: nn.Module, spec: LoraSpec, seed: int) -> None:
     for name, layer in layers:
         rank, in_features = layer.lora_a.shape[1], layer.lora_a.shape[0]
         layer.lora_a = mx.array(initial_a(seed, name, in_features, rank).T)
-        if spec.dropout:
-            layer.dropout.train()  # the model is in eval mode (dropout off); the adapters' own dropout is asked for
+    set_dropout(model, False)
+
+
+def set_dropout(model: nn.Module, on: bool) -> None:
+    """``lora_dropout`` on for the training forward/backward only (as the torch backend: only where gradients
+    flow); reference log-probs, evaluation and generation see the adapters whole."""
+    for _, layer in lora_layers(model):
+        layer.dropout.train(on)
 
 
 def _keys(model: nn.Module, spec: LoraSpec) -> list[str]:

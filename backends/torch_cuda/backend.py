@@ -307,7 +307,7 @@ class TorchBackend:
         states = self.optimizer is not None and bool(self.optimizer.state)
         static = 0.0
         if self.device.type == "cuda":
-            static = layers.static_bytes_estimate(self.num_parameters(), self.world_size, state_bytes,
+            static = layers.static_bytes_estimate(self.num_trainable_parameters(), self.world_size, state_bytes,
                                                   grads_present=grads, states_present=states, layers=len(self.layers))
         head = self.model.get_output_embeddings().weight
         work = layers.lm_head_workspace(self.lm_head_chunk, head.shape[0], head.shape[1])

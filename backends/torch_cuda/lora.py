@@ -38,8 +38,19 @@ def wrap(model: torch.nn.Module, spec: LoraSpec, seed: int, frozen_dtype: torch.
         for name, layer in lora_layers(model):
             a = layer.lora_A[ADAPTER].weight
             a.copy_(torch.from_numpy(initial_a(seed, name, a.shape[1], a.shape[0])))
+        if spec.dropout:
+            for _, layer in lora_layers(model):
+                layer.lora_dropout[ADAPTER] = TrainingDropout(spec.dropout)
     if frozen_dtype is not None:
         store_frozen_linears(model, frozen_dtype)
+
+
+class TrainingDropout(torch.nn.Dropout):
+    """``lora_dropout`` only where gradients flow: reference log-probs, evaluation and generation (no_grad)
+    see the adapters whole, as the MLX backend does (``mlx_lora.set_dropout``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if torch.is_grad_enabled() else x
 
 
 def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
