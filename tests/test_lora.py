@@ -387,3 +387,24 @@ def test_lora_dropout_acts_in_training_passes_only(tiny_model_dir, name):
             assert not np.allclose(s, reference, rtol=1e-4)  # the training pass did drop adapter inputs
         else:
             np.testing.assert_allclose(s, reference, rtol=1e-6)
+
+
+def test_disk_room_counts_adapter_checkpoints(tmp_path):
+    """A checkpoint holds the adapter and its moments, not the model: a run that full fine-tuning could not
+    fit on this disk fits with LoRA."""
+    import shutil
+
+    from redi.errors import UserError
+    from redi.training.run_folder import check_disk_room
+
+    n = shutil.disk_usage(tmp_path).free // 20  # full: 2 x 4n final models + 3 x 12n checkpoints = 2.2x free
+    with pytest.raises(UserError, match="not enough disk space"):
+        check_disk_room(tmp_path, n, keep_last=2, with_checkpoints=True)
+    check_disk_room(tmp_path, n, keep_last=2, with_checkpoints=True, trainable=n // 1000)  # ~0.4x free
+
+
+def test_targets_that_match_nothing_are_refused(tiny_model_dir):
+    from redi.errors import UserError
+
+    with pytest.raises(UserError, match="lora_targets qproj match no linear layer"):
+        TorchBackend("cpu", lora=LoraSpec(rank=4, targets=("qproj",))).load(tiny_model_dir)
