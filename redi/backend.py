@@ -17,6 +17,7 @@ import numpy as np
 
 from redi.data import TokenizedSeq
 from redi.errors import UserError
+from redi.lora import LoraSpec
 
 @dataclass
 class MicroBatch:
@@ -120,12 +121,12 @@ def default_backend() -> str:
     return "cpu"
 
 
-def make_backend(name: str, seed: int = 0, **mlx_options) -> Backend:
-    """``mlx_options`` (lora_rank, lora_scale, lora_dora) go to the MLX backend only."""
+def make_backend(name: str, seed: int = 0, lora: LoraSpec | None = None) -> Backend:
+    """``lora``: train LoRA/DoRA adapters over a frozen base (PEFT on torch, mlx-lm's tuner on MLX)."""
     name = name or default_backend()
     if name in ("cpu", "cuda"):
-        if mlx_options.get("lora_rank") or mlx_options.get("lora_dora"):
-            raise UserError(f"lora_rank and lora_dora need --backend mlx; --backend {name} trains all weights")
+        if lora is not None and importlib.util.find_spec("peft") is None:
+            raise UserError(f"lora_rank on --backend {name} needs PEFT: pip install 'redi[lora]'")
         if importlib.util.find_spec("torch") is None:
             raise UserError(f"--backend {name} needs PyTorch: pip install 'redi[torch]' (or torch==2.13.0 for CPU)")
         if name == "cuda" and not _cuda_available():
@@ -133,7 +134,7 @@ def make_backend(name: str, seed: int = 0, **mlx_options) -> Backend:
             raise UserError(f"--backend cuda: no usable CUDA GPU (torch.cuda.is_available() is False); use {alternatives}")
         from redi.backends.torch_cuda.backend import TorchBackend
 
-        return TorchBackend(device=name, seed=seed)
+        return TorchBackend(device=name, seed=seed, lora=lora)
     if name == "mlx":
         if importlib.util.find_spec("mlx") is None:
             raise UserError("--backend mlx needs MLX: pip install 'redi[mlx]'")
@@ -141,7 +142,7 @@ def make_backend(name: str, seed: int = 0, **mlx_options) -> Backend:
             from redi.backends.mlx.backend import MLXBackend
         except ModuleNotFoundError as err:
             raise UserError(f"--backend mlx is not available in this build ({err})") from None
-        return MLXBackend(seed=seed, **mlx_options)
+        return MLXBackend(seed=seed, lora=lora)
     raise UserError(f"unknown backend '{name}'; valid backends: cpu, cuda, mlx")
 
 

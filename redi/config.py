@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from redi.errors import UserError
+from redi.lora import spec_from_config
 from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES, PAPER_DEFAULTS
 
 BACKENDS = ("cpu", "cuda", "mlx")
@@ -56,9 +57,12 @@ class Config:
     system_prompt: str = ""  # injected as a system turn for conversational rows when set
     precision: str = "auto"  # auto: bf16 autocast over fp32 weights on CUDA, fp32 elsewhere
     lm_head_chunk: int = 1024  # completion tokens per LM-head chunk; never full [tokens x vocab] logits
-    lora_rank: int = 0  # mlx: >0 trains rank-r LoRA adapters on every linear layer of every block, base frozen
-    lora_scale: float = 20.0  # mlx-lm's LoRA scale (it multiplies the adapter output; not PEFT's alpha)
-    lora_dora: bool = False  # mlx: DoRA instead of LoRA
+    # LoRA/DoRA (redi/lora.py; PEFT on torch, mlx-lm's tuner on MLX): base frozen, adapters trained in fp32.
+    lora_rank: int = 0  # >0 trains rank-r adapters on lora_targets in every decoder block
+    lora_scale: float = 20.0  # multiplies the adapter output (mlx-lm's scale; PEFT's lora_alpha / lora_rank)
+    lora_dropout: float = 0.0  # dropout on the adapter input (0, as every other dropout is off)
+    lora_dora: bool = False  # DoRA instead of LoRA
+    lora_targets: str = ""  # comma-separated block modules; empty: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
     log_every: int = 10  # steps between plain progress lines when stdout is not a terminal
     skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient (skipped, logged)
     stop_on_collapse: bool = False
@@ -241,8 +245,7 @@ def validate(cfg: Config) -> Config:
     resolve_objective(cfg)
     if cfg.lora_rank < 0:
         raise UserError(f"config key 'lora_rank' is out of range: {cfg.lora_rank!r}")
-    if (cfg.lora_rank or cfg.lora_dora) and cfg.backend in ("cpu", "cuda"):
-        raise UserError("lora_rank and lora_dora need --backend mlx for now")
+    spec_from_config(cfg)  # lora_dora without a rank, lora_dropout out of range
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{cfg.precision}'")
     if cfg.on_malformed not in ("error", "skip"):

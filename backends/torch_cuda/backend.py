@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from redi.backends.torch_cuda import layers
+from redi.backends.torch_cuda import layers, lora as torch_lora
 from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, flex_available, layer_mask_mapping,
                                                packed_attention_mode)
 from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_optimizer_state, load_full_model_state,
@@ -28,6 +28,7 @@ from redi.backends.torch_cuda.packing import pack
 from redi.backend import MicroBatch, edit_model_config
 from redi.config import checkpointing_mode
 from redi.errors import UserError
+from redi.lora import LoraSpec
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -100,8 +101,8 @@ class TorchOptions:
 
 
 class TorchBackend:
-    def __init__(self, device: str = "cpu", seed: int = 0, **options: Any):
-        self.name = device
+    def __init__(self, device: str = "cpu", seed: int = 0, lora: LoraSpec | None = None, **options: Any):
+        self.name, self.lora = device, lora  # lora: train PEFT adapters over a frozen base (lora.py)
         self.dist = Dist("cuda" if device == "cuda" else "cpu")
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.device = self.dist.device()
@@ -124,6 +125,8 @@ class TorchBackend:
             raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
         if self.world_size > 1 and not self.options.packing:
             raise UserError("multi-process training needs packing=true")
+        if self.world_size > 1 and self.lora:
+            raise UserError("lora_rank is single-process for now (one GPU); run without torchrun")
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -153,6 +156,8 @@ class TorchBackend:
         self.autocast = self.device.type == "cuda" and precision in ("auto", "bf16")
         self.model = model.float()
         self.model.config._attn_implementation = "sdpa"
+        if self.lora:
+            torch_lora.wrap(self.model, self.lora, self.seed, torch.bfloat16 if self.autocast else None)
         self._prepare_model()
 
     def _prepare_model(self) -> None:
@@ -162,8 +167,8 @@ class TorchBackend:
         self.saved_use_cache = getattr(self.model.config, "use_cache", True)
         self.model.config.use_cache = False
         self.model.train()
-        for module in self.model.modules():  # TRL's disable_dropout, as the authors trained
-            if isinstance(module, torch.nn.Dropout):
+        for name, module in self.model.named_modules():  # TRL's disable_dropout, as the authors trained
+            if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in name:
                 module.p = 0.0
         self.layers = list(self.model.get_decoder().layers)
         layers.install(self.layers, compile_layers=self.options.compile and self.device.type == "cuda")
@@ -189,6 +194,9 @@ class TorchBackend:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def num_trainable_parameters(self) -> int:
+        return torch_lora.trainable_parameters(self.model)
+
     def save_model(self, path: str | None) -> None:
         """Collective under multi-process (all ranks call it); only rank 0 writes."""
         if self.dist.enabled:
@@ -198,6 +206,10 @@ class TorchBackend:
             self.dist.barrier()
             return
         out = Path(path)
+        if self.lora:  # the merged model, and the adapter beside it
+            self._write_full_state(out, torch_lora.merged_state(self.model))
+            torch_lora.save_adapter(self.model, self.lora, torch_lora.adapter_dir(out), self.model_path)
+            return
         self.model.save_pretrained(out, safe_serialization=True)
         self._finish_model_dir(out)
 
@@ -233,11 +245,19 @@ class TorchBackend:
                 torch.save({"optimizer": state, "full": True}, os.path.join(path, "optimizer.pt"))
             self.dist.barrier()
             return
+        if self.lora:
+            torch_lora.save_adapter(self.model, self.lora, Path(path), self.model_path)
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None}, os.path.join(path, "optimizer.pt"))
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
 
+        if self.lora:  # a LoRA checkpoint holds the adapter and its optimizer state; the base is unchanged
+            torch_lora.load_adapter(self.model, Path(path))
+            opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
+            if opt["optimizer"] is not None and self.optimizer is not None:
+                self.optimizer.load_state_dict(opt["optimizer"])
+            return
         state = load_file(os.path.join(path, "model.safetensors"), device="cpu" if self.dist.enabled else str(self.device))
         opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu" if self.dist.enabled else self.device,
                          weights_only=True)
@@ -306,7 +326,7 @@ class TorchBackend:
         states = self.optimizer is not None and bool(self.optimizer.state)
         static = 0.0
         if self.device.type == "cuda":
-            static = layers.static_bytes_estimate(self.num_parameters(), self.world_size, state_bytes,
+            static = layers.static_bytes_estimate(self.num_trainable_parameters(), self.world_size, state_bytes,
                                                   grads_present=grads, states_present=states, layers=len(self.layers))
         head = self.model.get_output_embeddings().weight
         work = layers.lm_head_workspace(self.lm_head_chunk, head.shape[0], head.shape[1])

@@ -19,6 +19,7 @@ from redi.config import Config, dump, objective_line, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
 from redi.hub import locate
+from redi.lora import spec_from_config
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -99,8 +100,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         state = resume_point(run_dir, len(stages) == 2)
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
-    backend = backend or make_backend(cfg.backend, cfg.seed, lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale,
-                                      lora_dora=cfg.lora_dora)
+    backend = backend or make_backend(cfg.backend, cfg.seed, lora=spec_from_config(cfg))
     if hasattr(backend, "configure"):  # the torch backend's speed/memory keys (docs/cuda.md)
         backend.configure(packing=cfg.packing, activation_checkpointing=cfg.activation_checkpointing,
                           compile=cfg.compile, optim_state_dtype=cfg.optim_state_dtype)
@@ -123,7 +123,8 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
 
     def save_checkpoint(folder: Path, st: dict) -> None:
         def write(tmp: Path | None) -> None:
-            backend.save_model(str(tmp) if tmp else None)  # collective under multi-process; rank 0 writes
+            if not getattr(backend, "lora", None):  # a LoRA checkpoint is its adapter + optimizer (save_state)
+                backend.save_model(str(tmp) if tmp else None)  # collective under multi-process; rank 0 writes
             backend.save_state(str(tmp) if tmp else None)
             if tmp:
                 ckpt.write_state(tmp, st)
@@ -145,7 +146,8 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
                 backend.load(str(run_dir / "sft_final") if two_stage_second else model_path,
                              precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk, **model_edits(cfg))
                 if index == 0 or two_stage_second:
-                    check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0)
+                    check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0,
+                                    trainable=_trainable_parameters(backend))
                 backend.start_stage(weight_decay=run.settings.weight_decay)
                 start_step = 0
                 if state.get("stage") == stage and not state.get("complete"):
@@ -188,6 +190,12 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _trainable_parameters(backend: Backend) -> int:
+    """Adapters only under LoRA; every weight otherwise."""
+    count = getattr(backend, "num_trainable_parameters", None)
+    return count() if count is not None else backend.num_parameters()
 
 
 def _rank(backend: Backend) -> int:

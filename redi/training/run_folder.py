@@ -25,10 +25,16 @@ def check_writable(run_dir: Path) -> None:
         raise UserError(f"output folder {run_dir} is not writable: {err.strerror}") from None
 
 
-def check_disk_room(run_dir: Path, n_parameters: int, keep_last: int, with_checkpoints: bool) -> None:
-    """fp32 weights, plus AdamW's two moments in a checkpoint; refuse before training, not at step 1,000."""
+def check_disk_room(run_dir: Path, n_parameters: int, keep_last: int, with_checkpoints: bool,
+                    trainable: int | None = None) -> None:
+    """fp32 weights, plus AdamW's two moments in a checkpoint; refuse before training, not at step 1,000.
+    With LoRA (``trainable`` < ``n_parameters``) a checkpoint is the adapter and its moments, and final/ also
+    keeps the adapter (twice: PEFT's and mlx-lm's layout) beside the merged weights."""
     model_bytes = 4 * n_parameters
-    per_checkpoint = 3 * model_bytes
+    trainable = n_parameters if trainable is None else trainable
+    lora = trainable < n_parameters
+    per_checkpoint = 4 * trainable * (2 + 2) if lora else 3 * model_bytes  # adapter in both layouts + m, v
+    model_bytes += 2 * 4 * trainable if lora else 0
     need = model_bytes * 2 + (per_checkpoint * (keep_last + 1) if with_checkpoints else 0)
     free = shutil.disk_usage(run_dir).free
     if free < need:
