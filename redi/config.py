@@ -76,7 +76,7 @@ class Config:
     # Torch backend speed and memory (docs/cuda.md); other backends ignore them.
     packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
     activation_checkpointing: str = "auto"  # none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)
-    compile: bool = False  # torch.compile the decoder layers (CUDA); FlexAttention is compiled regardless
+    compile: str = "false"  # false | true | auto (on where measured to pay: CUDA); FlexAttention compiles regardless
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's fused AdamW) or bf16 (4 bytes/param less)
     sft: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-5, batch_size=128, epochs=5, max_length=32768))
     pairs: StageConfig = field(default_factory=lambda: StageConfig(max_prompt_length=800))
@@ -259,6 +259,7 @@ def validate(cfg: Config) -> Config:
     if cfg.precision == "bf16" and cfg.backend == "cpu":
         raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
     checkpointing_mode(cfg.activation_checkpointing)
+    compile_mode(cfg.compile)
     if cfg.optim_state_dtype not in ("fp32", "bf16"):
         raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{cfg.optim_state_dtype}'")
     if cfg.collapse_window < 1:
@@ -335,3 +336,12 @@ def resolved_dict(cfg: Config, backend: str = "") -> dict:
 
 def dump(cfg: Config, path: str | Path, backend: str = "") -> None:
     Path(path).write_text(yaml.safe_dump(resolved_dict(cfg, backend), sort_keys=False))
+
+
+def compile_mode(value: str | bool) -> str:
+    """``compile`` parsed once for every backend: "false", "true" (every device) or "auto" (each backend
+    compiles where it measured a gain: the torch backend on CUDA, the MLX backend nowhere yet)."""
+    text = str(value).strip().lower()
+    if text in ("false", "true", "auto"):
+        return text
+    raise UserError(f"config key 'compile' must be false, true or auto, got '{value}'")

@@ -20,7 +20,7 @@ from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
 from redi.backend import MicroBatch
-from redi.config import checkpointing_mode
+from redi.config import checkpointing_mode, compile_mode
 from redi.errors import UserError
 from redi.lora import ADAPTER_DIR, LoraSpec
 
@@ -55,7 +55,7 @@ class MLXOptions:
 
     packing: bool = True  # accepted for the shared config; MLX always runs right-padded, 32-rounded batches
     activation_checkpointing: str = "auto"  # none | full | N | auto | auto:GB (auto plans on Apple GPUs only)
-    compile: bool = False  # mx.compile the log-prob graph; bit-identical, no gain measured with varying shapes
+    compile: bool | str = False  # mx.compile the log-prob graph; bit-identical, no gain measured (auto: off)
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32, or bf16 (as the torch backend's option)
 
 
@@ -78,6 +78,7 @@ class MLXBackend:
                 raise UserError(f"unknown mlx backend option '{key}'")
             setattr(self.options, key, value)
         checkpointing_mode(self.options.activation_checkpointing)
+        self.options.compile = compile_mode(self.options.compile) == "true"  # auto: no gain measured on MLX yet
         if self.options.optim_state_dtype not in ("fp32", "bf16"):
             raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
 

@@ -26,7 +26,7 @@ from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_lo
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
 from redi.backend import MicroBatch, edit_model_config
-from redi.config import checkpointing_mode
+from redi.config import checkpointing_mode, compile_mode
 from redi.errors import UserError
 from redi.lora import LoraSpec
 
@@ -95,7 +95,7 @@ class TorchOptions:
 
     packing: bool = True  # padding-free rows with a document mask; false: right-padded batches (single process)
     activation_checkpointing: str = "auto"  # none | full | N layers | auto | auto:GB (CUDA; the CPU never plans)
-    compile: bool = False  # torch.compile each decoder layer (CUDA); FlexAttention is always compiled on CUDA
+    compile: bool | str = False  # false | true | auto (= CUDA only): torch.compile each decoder layer; eager if it fails
     optim_state_dtype: str = "fp32"  # fp32: torch AdamW (fused on CUDA); bf16: moments in bf16 (-4 B/param)
     update_bucket_gb: float = 1.0  # CUDA: extra memory used to measure the update norm exactly
 
@@ -121,6 +121,7 @@ class TorchBackend:
                 raise UserError(f"unknown torch backend option '{key}'")
             setattr(self.options, key, value)
         checkpointing_mode(self.options.activation_checkpointing)
+        self.options.compile = compile_mode(self.options.compile)
         if self.options.optim_state_dtype not in ("fp32", "bf16"):
             raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
         if self.world_size > 1 and not self.options.packing:
@@ -171,7 +172,7 @@ class TorchBackend:
             if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in name:
                 module.p = 0.0
         self.layers = list(self.model.get_decoder().layers)
-        layers.install(self.layers, compile_layers=self.options.compile and self.device.type == "cuda")
+        layers.install(self.layers, compile_layers=self.compile_requested)
         self.memory_model = layers.MemoryModel.of(self.model.config)
         self.use_flex = self.device.type == "cuda" and flex_available()
         model, original_forward = self.model, self.model.forward
@@ -186,6 +187,11 @@ class TorchBackend:
         if self.dist.enabled:
             shard(self.model, self.layers)
         self.optimizer = None
+
+    @property
+    def compile_requested(self) -> bool:
+        """``compile: true`` compiles on every device; ``auto`` only on CUDA, where it was measured to pay."""
+        return self.options.compile == "true" or (self.options.compile == "auto" and self.device.type == "cuda")
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (the loop gathers per-sequence statistics for the metrics)."""
