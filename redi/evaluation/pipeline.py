@@ -78,8 +78,14 @@ class EvalSettings:
 def _hub_rows(spec: str) -> list:
     import datasets
 
+    from redi.hub import hub_unusable
+
     name = spec[len("hf:"):]
     hub, split = HUB_BENCHMARKS.get(name) or ((name.split("@") + ["test"])[:2])
+    why = hub_unusable(hub, "dataset")
+    if why:  # fail now rather than after the datasets library's retries
+        raise UserError(f"benchmark '{spec}' ({hub}) is not available: {why}; pass a local jsonl/parquet "
+                        f"with problem and answer")
     try:
         return list(datasets.load_dataset(hub, split=split))
     except Exception as err:
@@ -93,8 +99,10 @@ def _paper_rows(name: str) -> list:
     return json.loads(files("redi.evaluation").joinpath("benchmarks", PAPER_BENCHMARKS[name]).read_text("utf-8"))
 
 
-def load_benchmark(spec: str, limit: int = 0) -> tuple[str, list[dict]]:
-    """(name, [{"id", "problem", "answer"}]) from a shipped benchmark's name, ``hf:<name>`` or a local file."""
+def load_benchmark(spec: str, limit: int = 0, id_field: str | None = None) -> tuple[str, list[dict]]:
+    """(name, [{"id", "problem", "answer"}]) from a shipped benchmark's name, ``hf:<name>`` or a local file.
+
+    ``id_field``: the column holding each problem's id (default: the first of ID_KEYS, else the row index)."""
     path = Path(spec)
     if path.exists():
         from redi.data import iter_rows
@@ -117,7 +125,9 @@ def load_benchmark(spec: str, limit: int = 0) -> tuple[str, list[dict]]:
         if problem is None or answer is None:
             raise UserError(f"{spec} row {i + 1}: needs a problem ({'/'.join(PROBLEM_KEYS)}) and an answer "
                             f"({'/'.join(ANSWER_KEYS)})")
-        problem_id = next((row[k] for k in ID_KEYS if row.get(k) is not None), i)
+        if id_field is not None and row.get(id_field) is None:
+            raise UserError(f"{spec} row {i + 1}: no id in field '{id_field}' (--id-field)")
+        problem_id = row[id_field] if id_field else next((row[k] for k in ID_KEYS if row.get(k) is not None), i)
         out.append({"id": problem_id, "problem": problem, "answer": answer})
     return name, out[:limit] if limit else out
 
