@@ -16,7 +16,6 @@ engines (different RNGs), which tokens/s accounts for.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path

@@ -82,9 +82,10 @@ def default_engine() -> str:
 def make_engine(name: str | None, model_path: str, *, backend: str = "", tensor_parallel: int = 1,
                 data_parallel: int = 1, seed: int = 0, tokenizer: Any = None, batch_size: int = 64,
                 max_model_len: int | None = None) -> Engine:
-    """``name`` None or "": vLLM when it imports, else the backend's sampler. ``backend`` is the native
-    engine's backend (cpu | cuda | mlx); ``tensor_parallel``/``data_parallel``/``max_model_len`` are vLLM's."""
-    name = name or default_engine()
+    """``name`` None or "": the native engine when a ``backend`` is named (cpu | cuda | mlx: it is the native
+    engine's), else vLLM when it imports, else native. ``tensor_parallel``/``data_parallel``/``max_model_len``
+    are vLLM's."""
+    name = name or ("native" if backend else default_engine())
     if name not in ENGINES:
         raise UserError(f"unknown engine '{name}'; valid engines: {', '.join(ENGINES)}")
     if tensor_parallel < 1 or data_parallel < 1:
