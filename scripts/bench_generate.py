@@ -4,7 +4,7 @@ in one run.
     python scripts/bench_generate.py --demo                          # CPU: the demo's stage-1 teacher, 20 problems
     python scripts/bench_generate.py --demo --engines native,vllm    # both engines (vLLM venv)
     python scripts/bench_generate.py --shape qwen2.5-1.5b --backend cuda --problems 64 --samples 4 \\
-        --max-new-tokens 4096                                        # GPU: a random 1.5B-shape model
+        --max-new-tokens 1024 --batch-size 256                       # GPU: a random 1.5B-shape model
 
 Each engine is started once (its start is timed apart), runs one warm-up chunk into a scratch folder, then
 generates the whole set through ``generate_traces`` into a fresh folder; the numbers are that run's
@@ -65,9 +65,11 @@ def bench_engine(name: str, teacher: Path, problems: Path, args, scratch: Path) 
                                 max_new_tokens=args.max_new_tokens, engine=name, backend=args.backend,
                                 chunk_problems=args.chunk_problems, workers=0, **args.prompting)
     started = time.perf_counter()
-    engine = make_engine(name, str(teacher), backend=args.backend, tokenizer=load_tokenizer(str(teacher)))
+    engine = make_engine(name, str(teacher), backend=args.backend, tokenizer=load_tokenizer(str(teacher)),
+                         batch_size=args.batch_size)
     start_s = time.perf_counter() - started
-    warm = GenerateSettings(**{**settings.__dict__, "limit": min(args.chunk_problems, 4)})
+    warm = GenerateSettings(**{**settings.__dict__, "limit": min(args.chunk_problems, 4),
+                               "max_new_tokens": min(64, args.max_new_tokens)})
     generate_traces(str(teacher), str(problems), scratch / f"warmup-{name}", warm, engine=engine)
     result = generate_traces(str(teacher), str(problems), scratch / f"run-{name}", settings, engine=engine)
     run = result.report["this_run"]
@@ -90,6 +92,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--chunk-problems", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="the native engine's concurrent rows")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of the torch backend: run from the repo root on a machine with an NVIDIA GPU.
 #
-#   scripts/gpu_check.sh [all|tests|bench4k|bench16k]...      (default: all = tests bench4k bench16k; cpugates on demand)
+#   scripts/gpu_check.sh [all|tests|bench4k|bench16k|generate]...   (default: all = tests bench4k bench16k generate;
+#                                                                     cpugates on demand)
 #
 # 1. installs the wheels carried in .whl/ (trl, datasets and their missing dependencies) into /tmp/site,
 #    and this repo (editable, no dependencies; a symlink fallback if pip cannot build it offline);
@@ -102,6 +103,17 @@ if want bench16k; then
         --runs "redi,redi+activation_checkpointing=auto:40+optim_state_dtype=bf16" $LONGEST \
         >>"$LOG" 2>&1
     log "bench 16k exit $?"
+fi
+# ---------------------------------------------------------------- redi data generate (issue 19)
+# Not yet run on a GPU. Native engine (vLLM is not on the GPU image), a random Qwen2.5-1.5B shape, 64 problems
+# x 4 samples x 1,024 new tokens, all 256 rows at once: traces/s and tokens/s for the README's generate section.
+if want generate; then
+    GEN="--shape qwen2.5-1.5b --backend cuda --problems 64 --samples 4 --max-new-tokens 1024 --batch-size 256"
+    [ -n "$SMOKE" ] && GEN="--shape small --backend cpu --problems 8 --samples 2 --max-new-tokens 16"
+    log "bench generate"
+    timeout ${T_GEN:-240} $PY scripts/bench_generate.py $GEN --json "$OUT/bench-generate.json" \
+        >"$OUT/bench-generate.md" 2>>"$LOG"
+    log "bench generate exit $?"
 fi
 for f in "$OUT"/bench-*.md; do [ -e "$f" ] && { echo; cat "$f"; } | tee -a "$LOG"; done
 log "done"
