@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("parquet", "--format", help="parquet | jsonl."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes for reading and for math-verify (default: all cores for inputs over 32 MB; 0 = none)."),
         grade_timeout: float = typer.Option(5.0, "--grade-timeout", help="Seconds per math-verify judgement."),
+        force: bool = typer.Option(False, "--force", help="Write into a non-empty --output folder (replaces sft.*, pairs.*, report.json)."),
     ) -> None:
         """Teacher traces -> SFT set (first correct trace) and pairs (first correct vs first incorrect)."""
         from rich.progress import Progress
@@ -89,8 +90,14 @@ def register(app: typer.Typer) -> None:
                 progress.update(task, completed=done, total=total)
 
             result = pair_dataset(input, output, opts,
-                                  on_progress=on_progress if progress.console.is_terminal else None)
+                                  on_progress=on_progress if progress.console.is_terminal else None,
+                                  force=force)
         _print_summary(result)
+        report = result.report
+        if not report["pairs"]:
+            dropped = ", ".join(f"{k} {v}" for k, v in report["rows_dropped"].items() if v) or "none"
+            raise UserError(f"no pairs came out of {input} ({report['rows_read']} rows read; dropped: {dropped}); "
+                            f"see {result.out_dir}/report.json")
 
     @data_app.command("generate")
     def generate(

@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         """Pass@1 over N samples with the paper's SEM, pass@k, mean length and truncation rate."""
         from rich.console import Console
 
-        from redi.errors import UserError
+        from redi.errors import Interrupted, UserError
         from redi.evaluation.engines import ENGINES
         from redi.evaluation.grading import GRADERS
         from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, evaluate
@@ -69,6 +69,9 @@ def register(app: typer.Typer) -> None:
         settings = EvalSettings(samples, temperature, top_p, max_new_tokens, force_think,
                                 None if no_system_prompt else (system_prompt or QWEN_MATH_SYSTEM), template, seed,
                                 batch_size, workers, limit, grader, engine, tensor_parallel, data_parallel)
-        results = evaluate(model, benchmark, output, settings, backend, force=force)
+        try:
+            results = evaluate(model, benchmark, output, settings, backend, force=force)
+        except KeyboardInterrupt:
+            raise Interrupted(f"samples so far are in {output}/samples.jsonl; the same command resumes from them") from None
         Console().print(results_table(results, f"redi eval: {model}"))
         typer.echo(f"samples: {output}/samples.jsonl  results: {output}/results.json")

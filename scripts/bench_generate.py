@@ -25,29 +25,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
-# hidden, intermediate, layers, heads, kv heads (scripts/bench.py's SHAPES; the vocabulary here is the
-# local character tokenizer's, padded to the real size so the LM head costs what it costs).
-SHAPES = {"qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936), "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936),
-          "small": (256, 1024, 4, 4, 2, 4096)}
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_eval import SHAPES  # noqa: E402  (the eval benchmark's shapes: one list of model shapes)
 
 
 def random_model(shape: str, out: Path) -> Path:
-    """A random-init Qwen2 of ``shape`` with the local tokenizer, saved in bf16 (what a GPU run loads)."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    """A random-init Qwen2 of ``shape`` with the local character tokenizer (as scripts/bench_eval.py)."""
+    from redi.tiny import build_model
 
-    from redi.tiny import build_tokenizer
-
-    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    build_tokenizer(out)
-    eos = AutoTokenizer.from_pretrained(str(out)).eos_token_id
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                      rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos,
-                      bos_token_id=eos)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(out))
-    return out
+    return Path(build_model(out, shape=SHAPES[shape], seed=0))
 
 
 def synthetic_problems(path: Path, count: int) -> Path:

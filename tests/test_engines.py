@@ -1,5 +1,5 @@
 """Generation engines: stop-token resolution, end-of-turn stops, and the native sampler's continuous batching.
-The vLLM engine's tests are in tests/vllm/ (they need the second venv, see .ci/run)."""
+The vLLM engine's tests are in tests/vllm_engine/ (they need the second venv, see .ci/run)."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
 """`redi data generate` end to end on the CPU with the native engine: the demo's stage-1 teacher on 20 held-out
 problems -> labelled traces (some right, some wrong) -> `redi data pair` -> `redi train --stage pairs`. The
-same chain with vLLM is tests/vllm/test_generate_vllm.py. Also: SIGKILL mid-generation and resume."""
+same chain with vLLM is tests/vllm_engine/test_generate_vllm.py. Also: SIGKILL mid-generation and resume."""
 from __future__ import annotations
 
 import json

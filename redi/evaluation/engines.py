@@ -70,7 +70,9 @@ def stop_token_ids(tokenizer: Any, model_dir: str | Path | None = None) -> list[
 
 
 def vllm_available() -> bool:
-    return sys.platform.startswith("linux") and importlib.util.find_spec("vllm") is not None
+    # origin None: a namespace package (any folder named vllm on sys.path), not vLLM.
+    spec = importlib.util.find_spec("vllm") if sys.platform.startswith("linux") else None
+    return spec is not None and spec.origin is not None
 
 
 def default_engine() -> str:
@@ -185,6 +187,12 @@ class VLLMEngine:
             ordered = sorted(out.outputs, key=lambda c: c.index)
             result.append([completion(self.tokenizer, c.token_ids, stop_set) for c in ordered])
         return result
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes now rather than at interpreter exit (when logging is already gone)."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
 
 def _cuda_visible() -> bool:

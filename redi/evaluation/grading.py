@@ -475,15 +475,19 @@ def read_responses(path) -> list[dict]:
     from redi.errors import UserError
 
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # bytes: a non-UTF-8 line is named like any bad line, not a traceback
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
     rows, seen, next_sample = [], set(), {}
     with handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

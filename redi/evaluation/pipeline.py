@@ -78,8 +78,14 @@ class EvalSettings:
 def _hub_rows(spec: str) -> list:
     import datasets
 
+    from redi.hub import hub_unusable
+
     name = spec[len("hf:"):]
     hub, split = HUB_BENCHMARKS.get(name) or ((name.split("@") + ["test"])[:2])
+    why = hub_unusable(hub, "dataset")
+    if why:  # fail now rather than after the datasets library's retries
+        raise UserError(f"benchmark '{spec}' ({hub}) is not available: {why}; pass a local jsonl/parquet "
+                        f"with problem and answer")
     try:
         return list(datasets.load_dataset(hub, split=split))
     except Exception as err:

@@ -24,8 +24,8 @@ def _run(*args):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_redi_eval_with_vllm_matches_the_native_schema_and_regrades(tmp_path, tiny_model_dir):
-    common = ("--model", tiny_model_dir, "--benchmark", "math500", "--limit", "3", "--samples", "2",
+def test_redi_eval_with_vllm_matches_the_native_schema_and_regrades(tmp_path, vllm_model_dir):
+    common = ("--model", vllm_model_dir, "--benchmark", "math500", "--limit", "3", "--samples", "2",
               "--max-new-tokens", "24", "--workers", "1")
     proc = _run("eval", *common, "--engine", "vllm", "--output", str(tmp_path / "vllm"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,16 +49,18 @@ def test_redi_eval_with_vllm_matches_the_native_schema_and_regrades(tmp_path, ti
 
 
 @pytest.fixture(scope="module")
-def im_end_vllm(im_end_model_dir):
-    return make_engine("vllm", im_end_model_dir)
+def im_end_vllm(vllm_im_end_model_dir):
+    engine = make_engine("vllm", vllm_im_end_model_dir)
+    yield engine
+    engine.close()
 
 
-def test_vllm_stops_at_im_end(im_end_vllm, im_end_model_dir):
+def test_vllm_stops_at_im_end(im_end_vllm, vllm_im_end_model_dir):
     tok = im_end_vllm.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end != tok.eos_token_id
     out = im_end_vllm.generate(["1+1=", [5, 6, 7]], n=2, temperature=0.6, top_p=0.95, max_new_tokens=16, seed=0,
-                               stop_token_ids=stop_token_ids(tok, im_end_model_dir))
+                               stop_token_ids=stop_token_ids(tok, vllm_im_end_model_dir))
     assert [len(row) for row in out] == [2, 2]
     for c in (c for row in out for c in row):
         assert c.token_ids == [im_end] and c.finish_reason == "stop" and c.text == ""
