@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of the torch backend: run from the repo root on a machine with an NVIDIA GPU.
 #
-#   scripts/gpu_check.sh [all|tests|bench4k|bench16k|evalnative]...  (default: all = tests bench4k bench16k
-#                                                                     evalnative; cpugates on demand)
+#   scripts/gpu_check.sh [all|tests|bench4k|bench16k|evalnative|generate]...  (default: all = tests bench4k
+#                                       bench16k evalnative; cpugates and generate on demand)
 #
 # 1. installs the wheels carried in .whl/ (trl, datasets and their missing dependencies) into /tmp/site,
 #    and this repo (editable, no dependencies; a symlink fallback if pip cannot build it offline);
@@ -118,4 +118,16 @@ if want evalnative; then
     timeout ${T_EVAL:-300} $PY scripts/bench_eval.py $EVAL_ARGS 2>&1 | tee "$OUT/bench-eval-native.txt" >>"$LOG"
     log "eval engine exit ${PIPESTATUS[0]}"
 fi
+# ---------------------------------------------------------------- redi data generate (issue 19)
+# Not yet run on a GPU. Native engine (vLLM is not on the GPU image), a random Qwen2.5-1.5B shape, 64 problems
+# x 4 samples x 1,024 new tokens, all 256 rows at once: traces/s and tokens/s for the README's generate section.
+if [[ " ${PHASES[*]} " == *" generate "* ]]; then  # on demand: all four phases above fill a lease
+    GEN="--shape qwen2.5-1.5b --backend cuda --problems 64 --samples 4 --max-new-tokens 1024 --batch-size 256"
+    [ -n "$SMOKE" ] && GEN="--shape tiny --backend cpu --problems 8 --samples 2 --max-new-tokens 16"
+    log "bench generate"
+    timeout ${T_GEN:-240} $PY scripts/bench_generate.py $GEN --json "$OUT/bench-generate.json" \
+        >"$OUT/bench-generate.md" 2>>"$LOG"
+    log "bench generate exit $?"
+fi
+[ -e "$OUT/bench-generate.md" ] && cat "$OUT/bench-generate.md" | tee -a "$LOG"
 log "done"
