@@ -91,7 +91,7 @@ BENCH="scripts/bench.py $SMOKE --steps $STEPS --warmup $WARMUP --out $OUT"
 COMPILED="redi+compile=true"
 if want bench4k; then
     log "bench at 4k"
-    timeout ${T_4K:-330} $PY $BENCH $LEN4K --with-trl --trl-runs simpo --trl-settings gc,nogc --trl-timeout 110 \
+    timeout ${T_4K:-320} $PY $BENCH $LEN4K --with-trl --trl-runs simpo --trl-settings gc,nogc --trl-timeout 110 \
         --runs "redi,$COMPILED,$COMPILED+activation_checkpointing=auto:24+optim_state_dtype=bf16" >>"$LOG" 2>&1
     log "bench 4k exit $?"
 fi
@@ -103,13 +103,13 @@ if want bench16k; then  # TRL's CPO-SimPO ran out of memory at 16k on 2026-11-27
 fi
 if want fsdp2; then  # one rank under torchrun is still sharded: FSDP2's hooks and NCCL, compiled layers
     log "FSDP2 (torchrun, 1 rank) with compile at 4k"
-    timeout ${T_FSDP:-100} $PY -m torch.distributed.run --nproc-per-node 1 --standalone $BENCH $LEN4K \
+    timeout ${T_FSDP:-130} $PY -m torch.distributed.run --nproc-per-node 1 --standalone $BENCH $LEN4K \
         --runs "$COMPILED" --stem bench-fsdp2 >>"$LOG" 2>&1
     log "fsdp2 exit $?"
 fi
 if want profile; then
     log "profile of one compiled step at 4k"
-    timeout ${T_PROFILE:-120} $PY scripts/profile_step.py $SMOKE $LEN4K --run "$COMPILED" \
+    timeout ${T_PROFILE:-100} $PY scripts/profile_step.py $SMOKE $LEN4K --run "$COMPILED" \
         --out "$OUT/profile-${LEN4K##* }.md" >>"$LOG" 2>&1
     log "profile exit $?"
 fi
