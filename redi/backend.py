@@ -11,12 +11,13 @@ import math
 import platform
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from redi.data import TokenizedSeq
 from redi.errors import UserError
+from redi.lora import LoraSpec
 
 @dataclass
 class MicroBatch:
@@ -57,7 +58,9 @@ class Backend(Protocol):
     name: str
     ops: Any
 
-    def load(self, model_path: str, *, precision: str, lm_head_chunk: int) -> None: ...
+    # model_config: edits to the model's config.json (``edit_model_config``), applied before the weights load
+    # and kept in every checkpoint the backend saves. Passed only when the run sets some (``model_edits``).
+    def load(self, model_path: str, *, precision: str, lm_head_chunk: int, model_config: dict | None = None) -> None: ...
     def start_stage(self, *, weight_decay: float) -> None: ...
     def forward_backward(self, batch: MicroBatch, loss_fn: LossFn) -> tuple[np.ndarray, np.ndarray]: ...
     def sequence_logps(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]: ...
@@ -66,8 +69,36 @@ class Backend(Protocol):
     def save_state(self, path: str) -> None: ...
     def load_state(self, path: str) -> None: ...
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int) -> list[list[int]]: ...
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Sample one completion per prompt, continuously batched over ``batch_size`` rows (a finished row
+        takes the next prompt); a row ends at ``eos_id``, any of ``stop_ids`` (included in its output) or
+        ``max_new_tokens``."""
+        ...
     def num_parameters(self) -> int: ...
+
+
+def model_edits(cfg: Any) -> dict:
+    """``load``'s model_config keyword for a run config: present only when the run edits the model."""
+    return {"model_config": dict(cfg.model_config)} if cfg.model_config else {}
+
+
+def edit_model_config(config: dict, edits: dict | None, where: str) -> dict:
+    """A model's config.json with the run's ``model_config`` edits (any key the file has).
+
+    transformers 5 keeps ``rope_theta`` inside ``rope_parameters`` and mlx-lm reads the top-level key, so an
+    edit of a key found in either place is written to both places it exists (rope_theta to both always)."""
+    out = dict(config)
+    rope = dict(out["rope_parameters"]) if isinstance(out.get("rope_parameters"), dict) else None
+    for key, value in (edits or {}).items():
+        if key not in out and (rope is None or key not in rope):
+            raise UserError(f"model_config key '{key}' is not a key of {where}/config.json")
+        if key in out or key == "rope_theta":
+            out[key] = value
+        if rope is not None and (key in rope or key == "rope_theta"):
+            rope[key] = value
+    if rope is not None:
+        out["rope_parameters"] = rope
+    return out
 
 
 def _cuda_available() -> bool:
@@ -90,12 +121,12 @@ def default_backend() -> str:
     return "cpu"
 
 
-def make_backend(name: str, seed: int = 0, **mlx_options) -> Backend:
-    """``mlx_options`` (lora_rank, lora_scale, lora_dora) go to the MLX backend only."""
+def make_backend(name: str, seed: int = 0, lora: LoraSpec | None = None) -> Backend:
+    """``lora``: train LoRA/DoRA adapters over a frozen base (PEFT on torch, mlx-lm's tuner on MLX)."""
     name = name or default_backend()
     if name in ("cpu", "cuda"):
-        if mlx_options.get("lora_rank") or mlx_options.get("lora_dora"):
-            raise UserError(f"lora_rank and lora_dora need --backend mlx; --backend {name} trains all weights")
+        if lora is not None and importlib.util.find_spec("peft") is None:
+            raise UserError(f"lora_rank on --backend {name} needs PEFT: pip install 'redi[lora]'")
         if importlib.util.find_spec("torch") is None:
             raise UserError(f"--backend {name} needs PyTorch: pip install 'redi[torch]' (or torch==2.13.0 for CPU)")
         if name == "cuda" and not _cuda_available():
@@ -103,7 +134,7 @@ def make_backend(name: str, seed: int = 0, **mlx_options) -> Backend:
             raise UserError(f"--backend cuda: no usable CUDA GPU (torch.cuda.is_available() is False); use {alternatives}")
         from redi.backends.torch_cuda.backend import TorchBackend
 
-        return TorchBackend(device=name, seed=seed)
+        return TorchBackend(device=name, seed=seed, lora=lora)
     if name == "mlx":
         if importlib.util.find_spec("mlx") is None:
             raise UserError("--backend mlx needs MLX: pip install 'redi[mlx]'")
@@ -111,7 +142,7 @@ def make_backend(name: str, seed: int = 0, **mlx_options) -> Backend:
             from redi.backends.mlx.backend import MLXBackend
         except ModuleNotFoundError as err:
             raise UserError(f"--backend mlx is not available in this build ({err})") from None
-        return MLXBackend(seed=seed, **mlx_options)
+        return MLXBackend(seed=seed, lora=lora)
     raise UserError(f"unknown backend '{name}'; valid backends: cpu, cuda, mlx")
 
 

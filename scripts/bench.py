@@ -14,6 +14,7 @@ fastest TRL setting of the matching trainer. Both sides time ``--steps`` steps a
 
     python scripts/bench.py --tiny --with-trl             # CPU smoke run of everything, about a minute
     python scripts/bench.py --max-len 4096 --with-trl     # the GPU measurement (scripts/gpu_check.sh)
+    python scripts/bench.py --tiny --lora 16              # each run again with rank-16 LoRA adapters (PEFT)
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from redi.backends.torch_cuda.packing import pack  # noqa: E402
 from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
 from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
+from redi.lora import LoraSpec  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 
 from bench_data import EOS, SHAPES, VOCAB_WORDS, make_model, peak_gib, synthetic_pairs  # noqa: E402
@@ -77,7 +79,9 @@ def stage_run(mode: str) -> StageRun:
 
 def new_backend(options: dict, args, max_len: int, device: torch.device) -> TorchBackend:
     """A backend on a fresh random-init model of ``args.shape``, ready to train, peak memory counter reset."""
-    backend = TorchBackend(device.type, seed=0, **options)
+    rank = int(options.get("lora_rank", 0))  # stays in the result's options: no TRL ratio for LoRA runs
+    backend = TorchBackend(device.type, seed=0, lora=LoraSpec(rank) if rank else None,
+                           **{k: v for k, v in options.items() if k != "lora_rank"})
     backend.adopt(make_model(args.shape, max_len, device), lm_head_chunk=args.lm_head_chunk)
     backend.start_stage(weight_decay=0.0)
     if device.type == "cuda":
@@ -127,7 +131,9 @@ def run_one(name: str, mode: str, options: dict, args, data, max_len: int, devic
             lens = [q.length for b in batches for q in b.seqs]
             tokens.append(sum(lens))
             padded.append(sum(pack(b, 0).width for b in batches))
-            flops.append(sum(6 * n_params * n + 6 * n_layers * h * n * n for n in lens))
+            # LoRA: no weight gradients for the frozen base, so 4 N per token instead of 6 N (adapters ignored)
+            per = 4 if options.get("lora_rank") else 6
+            flops.append(sum(per * n_params * n + per * n_layers * h * n * n for n in lens))
             ckpt.append(backend.last_checkpointed_layers)
     peak = peak_gib(device)
     fb, st = sum(fb_times), sum(step_times)
@@ -219,7 +225,23 @@ def markdown(results: list[dict], trl: list[dict], header: str, args) -> str:
         lines += ["", f"Ratios against the fastest TRL setting of the peer trainer, same run, {window(args)}:"]
         lines += [f"- {x['run']} at {x['max_len']}: {x['ratio']:.2f}x {x['against']}'s tokens/s, "
                   f"peak {x['peak_gb']:.1f} vs {x['against_peak_gb']:.1f} GiB" for x in found]
-    return "\n".join(lines)
+    lora = lora_ratio_lines(results)
+    return "\n".join(lines + ([""] + lora if lora else []))
+
+
+def lora_ratio_lines(results: list[dict]) -> list[str]:
+    """``--lora``: each LoRA run against its full fine-tuning twin of the same run (same data, same process)."""
+    full = {(r["run"], r["max_len"]): r for r in results if "error" not in r}
+    out = []
+    for r in results:
+        base = r["run"].split("+lora_rank=")[0]
+        if "error" in r or "+lora_rank=" not in r["run"] or (base, r["max_len"]) not in full:
+            continue
+        f = full[base, r["max_len"]]
+        out.append(f"- {r['run']} at {r['max_len']}: {r['tokens_per_s'] / f['tokens_per_s']:.2f}x {base}'s tokens/s "
+                   f"(with optimizer {r['tokens_per_s_with_optimizer'] / f['tokens_per_s_with_optimizer']:.2f}x), "
+                   f"peak {r['peak_gb']:.1f} vs {f['peak_gb']:.1f} GiB")
+    return out
 
 
 def parse_run(spec: str) -> tuple[str, str, dict]:
@@ -257,6 +279,8 @@ def main() -> None:
                    help="gc / nogc: gradient checkpointing on / off; +pf: padding_free (SFTTrainer only)")
     p.add_argument("--trl-steps", type=int, default=0, help="timed TRL steps (default: --steps)")
     p.add_argument("--trl-timeout", type=int, default=900, help="seconds per TRL trainer and setting")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also run each run with rank-RANK LoRA adapters (PEFT), beside full fine-tuning")
     p.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for the .json and .md results")
     p.add_argument("--stem", default="bench", help="file names: STEM-<max len>.{json,md}")
     args = p.parse_args()
@@ -268,6 +292,8 @@ def main() -> None:
         args.pairs = min(args.pairs, 2)
         args.lm_head_chunk = min(args.lm_head_chunk, 256)
     runs = [parse_run(r) for r in args.runs.split(",") if r]
+    if args.lora:
+        runs = [twin for spec in runs for twin in (spec, parse_run(f"{spec[0]}+lora_rank={args.lora}"))]
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     import transformers
 

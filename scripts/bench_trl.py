@@ -181,7 +181,8 @@ def ratios(results: list[dict], trl: list[dict]) -> list[dict]:
     peer = {"redi": "trl_cpo_simpo", "simpo": "trl_cpo_simpo", "dpo": "trl_dpo", "sft": "trl_sft"}
     out = []
     for r in results:
-        t = best.get((peer[r["mode"]], r["max_len"])) if "error" not in r else None
+        lora = r.get("options", {}).get("lora_rank")  # TRL runs full fine-tuning: no ratio for LoRA runs
+        t = best.get((peer[r["mode"]], r["max_len"])) if "error" not in r and not lora else None
         if t:
             out.append({"run": r["run"], "max_len": r["max_len"], "against": t["run"],
                         "ratio": round(r["tokens_per_s"] / t["tokens_per_s"], 3),

@@ -16,7 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from redi.backend import edit_model_config
 from redi.errors import UserError
+from redi.hub import locate
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -28,11 +30,9 @@ MAX_SHARD_BYTES = 50 * 10**9
 
 def resolve_path(model_path: str) -> Path:
     """A local directory, or a hub name resolved through the local HF cache (downloads only when online)."""
-    local = Path(model_path)
-    if local.exists():
+    local = locate(model_path, "model", "model path")
+    if isinstance(local, Path):
         return local
-    if model_path.startswith((".", "/")) or model_path.count("/") != 1:
-        raise UserError(f"model path not found: {model_path}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -53,16 +53,19 @@ def config_overrides(config: dict) -> dict:
     return extra
 
 
-def load_model(model_path: str) -> tuple[nn.Module, dict, Path]:
-    """The model with fp32 weights, the on-disk config (what save_model writes back), and its folder."""
+def load_model(model_path: str, edits: dict | None = None) -> tuple[nn.Module, dict, Path]:
+    """The model with fp32 weights, the on-disk config with the run's ``model_config`` edits (what save_model
+    writes back, so checkpoints keep the edits), and its folder."""
     from mlx_lm.utils import load_model as mlx_load_model
 
     path = resolve_path(model_path)
     if not (path / "config.json").exists():
         raise UserError(f"cannot load model from {model_path}: no config.json there")
-    config = json.loads((path / "config.json").read_text())
+    config = edit_model_config(json.loads((path / "config.json").read_text()), edits, str(path))
     try:
-        model, _ = mlx_load_model(path, model_config=config_overrides(config))
+        # mlx-lm re-reads config.json and updates it with model_config: hand it every edited key.
+        changed = {k: config[k] for k in edits or {} if k in config}
+        model, _ = mlx_load_model(path, model_config={**changed, **config_overrides(config)})
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UserError(f"cannot load model from {model_path}: {str(err).splitlines()[0]}") from None
     # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution (platform-notes.md).

@@ -180,10 +180,29 @@ def _judge(prediction: str, golds: tuple[str, ...], timeout: float | None, whole
 _STARTED: object = None  # shared array in each worker: task start time, -1 once done, 0 before it starts
 
 
+# A judgement may allocate this much beyond what the worker holds after its imports; more is a MemoryError,
+# which counts as a wrong answer (sympy on adversarial model output can otherwise eat the machine).
+WORKER_EXTRA_MEMORY = 2 << 30
+
+
+def _limit_memory(extra: int) -> None:
+    try:
+        import resource
+
+        with open("/proc/self/statm") as handle:
+            size = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = size + extra if hard == resource.RLIM_INFINITY else min(size + extra, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError):  # not Linux: the CPU-time limit still bounds each judgement
+        pass
+
+
 def _init_worker(started) -> None:
     global _STARTED
     _STARTED = started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    _limit_memory(WORKER_EXTRA_MEMORY)
 
 
 def _run_chunk(item_fn, chunk):
@@ -214,7 +233,7 @@ def run_in_workers(item_fn, items: list[tuple], *, workers: int, hard_limit: flo
     results: dict[int, object] = {}
     ctx = multiprocessing.get_context(_start_method())
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["redi.evaluation.grading", "math_verify"])
+        ctx.set_forkserver_preload(["redi.evaluation.grading", "redi.evaluation.rllm_grader", "math_verify"])
     shared = ctx.RawArray("d", len(items))
     started = np.frombuffer(shared, dtype=np.float64)
     todo = np.ones(len(items), dtype=bool)
@@ -257,52 +276,107 @@ def run_in_workers(item_fn, items: list[tuple], *, workers: int, hard_limit: flo
 
 
 def grade_response(response: str, answer, *, require_boxed: bool = True, require_think: bool = False,
-                   timeout: float | None = 5.0) -> Verdict:
-    """Grade one response in this process (the per-item time limit needs the main thread)."""
+                   timeout: float | None = 5.0, grader: str = "math-verify") -> Verdict:
+    """Grade one response in this process (the per-item time limit needs the main thread); rllm's sympy path
+    still runs in a worker process."""
     return grade_many([response], [answer], workers=0, timeout=timeout, require_boxed=require_boxed,
-                      require_think=require_think)[0]
+                      require_think=require_think, grader=grader)[0]
 
 
 # Below this many distinct judgements, starting workers (~1 s of imports) costs more than it saves.
 _IN_PROCESS_BELOW = 64
 
 
+GRADERS = ("math-verify", "rllm")
+
+
+def _judge_rllm(prediction: str, golds: tuple[str, ...], timeout: float | None, _whole_text: bool):
+    """The paper's rllm reward (redi.evaluation.rllm_grader) under this process's CPU-time limit."""
+    from redi.evaluation import rllm_grader
+
+    try:
+        with _time_limit(timeout):
+            return rllm_grader.judge(prediction, golds), False, prediction
+    except _ItemTimeout:
+        return False, True, prediction
+    except (Exception, MemoryError, RecursionError):  # sympy on odd input: a wrong answer, not a failed run
+        return False, False, prediction
+
+
+def _rllm_task(response: str, answer) -> tuple | None:
+    from redi.evaluation import rllm_grader
+
+    solution = rllm_grader.solution_text(response)
+    boxed = None if solution is None else rllm_grader.boxed_answer(solution)
+    return None if boxed is None else (boxed, tuple(rllm_grader.rllm_golds(answer)), False)
+
+
+def _math_verify_task(response: str, answer, require_boxed: bool, require_think: bool) -> tuple | None:
+    golds = gold_latex(answer)
+    final = final_answer_text(response, require_think=require_think)
+    boxed = None if final is None else last_boxed(final)
+    if final is None or (boxed is None and require_boxed):
+        return None
+    return (final, golds, True) if boxed is None else (boxed, golds, False)
+
+
+def _judge_all(judge, items: list[tuple], workers: int | None, timeout: float | None, isolate: bool) -> list:
+    """Judge items in this process or in worker processes. ``isolate``: never in this process (model output
+    reaching ``eval``), except inside a daemonic process, which may not start children (the allow-list and
+    the CPU limit still hold there)."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    on_main = threading.current_thread() is threading.main_thread()
+    in_daemon = multiprocessing.current_process().daemon
+    if isolate and not in_daemon and items:
+        workers = max(1, workers)
+    elif workers <= 1 or in_daemon or (on_main and len(items) < _IN_PROCESS_BELOW):
+        return [judge(*item) for item in items]
+    # Wall clock, generous: the CPU limit stops slow judgements, this only catches real hangs and crashes.
+    hard_limit = 4 * (timeout or 60.0) + 60.0
+    return run_in_workers(judge, items, workers=workers, hard_limit=hard_limit, on_hang=(False, True, None))
+
+
 def grade_many(responses: Sequence[str], answers: Sequence, *, workers: int | None = None,
-               timeout: float | None = 5.0, require_boxed: bool = True,
-               require_think: bool = False) -> list[Verdict]:
+               timeout: float | None = 5.0, require_boxed: bool = True, require_think: bool = False,
+               grader: str = "math-verify") -> list[Verdict]:
     """Grade many responses; ``workers=None`` uses every core, 0 or 1 grades in this process.
 
-    Identical (answer, gold) pairs are judged once: samples of one problem often agree, and math-verify is
+    ``grader``: "math-verify" (the default everywhere but ``redi eval --template paper``) or "rllm", the
+    paper's reward (redi.evaluation.rllm_grader; ``require_boxed``/``require_think`` are then rllm's own
+    rules: always). rllm's sympy path only ever runs in worker processes with CPU-time and memory limits.
+    Identical (answer, gold) pairs are judged once: samples of one problem often agree, and both graders are
     deterministic. A judgement that needs more than ``timeout`` CPU seconds counts as wrong (timed_out).
     """
+    if grader not in GRADERS:
+        raise ValueError(f"unknown grader {grader!r}; valid: {', '.join(GRADERS)}")
     if len(responses) != len(answers):
         raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
     verdicts: list[Verdict | None] = [None] * len(responses)
     tasks: dict[tuple, list[int]] = {}
     for index, (response, answer) in enumerate(zip(responses, answers)):
-        golds = gold_latex(answer)
-        final = final_answer_text(response, require_think=require_think)
-        boxed = None if final is None else last_boxed(final)
-        if final is None or (boxed is None and require_boxed):
+        key = (_rllm_task(response, answer) if grader == "rllm"
+               else _math_verify_task(response, answer, require_boxed, require_think))
+        if key is None:
             verdicts[index] = Verdict(correct=False, format_error=True, extracted=None)
-            continue
-        key = (final, golds, True) if boxed is None else (boxed, golds, False)
-        tasks.setdefault(key, []).append(index)
+        else:
+            tasks.setdefault(key, []).append(index)
 
     # Sorting by gold keeps one problem's samples in one chunk, so each worker parses that gold once.
     keys = sorted(tasks, key=lambda key: key[1])
     items = [(prediction, golds, timeout, whole_text) for prediction, golds, whole_text in keys]
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    on_main = threading.current_thread() is threading.main_thread()
-    # A daemonic process (someone else's pool worker) may not start children of its own.
-    in_daemon = multiprocessing.current_process().daemon
-    if workers <= 1 or in_daemon or (on_main and len(items) < _IN_PROCESS_BELOW):
-        judged = [_judge(*item) for item in items]
+    judged = [None] * len(items)
+    if grader == "rllm":
+        from redi.evaluation.rllm_grader import mathd_equal
+
+        # The string rule needs no parser: judged here, so only candidates for sympy go to the workers.
+        for i, (prediction, golds, _, _) in enumerate(items):
+            if any(mathd_equal(prediction, gold) for gold in golds):
+                judged[i] = (True, False, prediction)
+        rest = [i for i, v in enumerate(judged) if v is None]
+        for i, value in zip(rest, _judge_all(_judge_rllm, [items[i] for i in rest], workers, timeout, True)):
+            judged[i] = value
     else:
-        # Wall clock, generous: the CPU limit stops slow judgements, this only catches real hangs and crashes.
-        hard_limit = 4 * (timeout or 60.0) + 60.0
-        judged = run_in_workers(_judge, items, workers=workers, hard_limit=hard_limit,
-                                on_hang=(False, True, None))
+        judged = _judge_all(_judge, items, workers, timeout, False)
 
     for key, (correct, timed_out, extracted) in zip(keys, judged):
         # In fallback mode "math-verify found nothing" is the format error; a timeout is just wrong.
@@ -401,15 +475,19 @@ def read_responses(path) -> list[dict]:
     from redi.errors import UserError
 
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # bytes: a non-UTF-8 line is named like any bad line, not a traceback
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
     rows, seen, next_sample = [], set(), {}
     with handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -453,11 +531,11 @@ def summarize_verdicts(rows: Sequence[dict], verdicts: Sequence[Verdict]) -> dic
 
 
 def grade_file(path, *, workers: int | None = None, timeout: float | None = 5.0, require_boxed: bool = True,
-               require_think: bool = False) -> tuple[dict, list[dict]]:
+               require_think: bool = False, grader: str = "math-verify") -> tuple[dict, list[dict]]:
     """Grade a responses jsonl: (summary, one verdict record per sample in file order)."""
     rows = read_responses(path)
     verdicts = grade_many([row["response"] for row in rows], [row["answer"] for row in rows], workers=workers,
-                          timeout=timeout, require_boxed=require_boxed, require_think=require_think)
+                          timeout=timeout, require_boxed=require_boxed, require_think=require_think, grader=grader)
     records = [{"id": row["id"], "sample": row["sample"], "line": row["line"], "correct": v.correct,
                 "format_error": v.format_error, "timed_out": v.timed_out, "extracted": v.extracted}
                for row, v in zip(rows, verdicts)]

@@ -124,9 +124,10 @@ def decode_task(task: tuple, columns: list[str] | None) -> list[tuple[int, objec
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as err:
+            except ValueError as err:  # UnicodeDecodeError is a ValueError too
                 where = f"{label} line {line_no + offset}" if label else f"line {line_no + offset}"
-                row = BadLine(line_no + offset, f"{where}: not JSON ({str(err).split(':')[0]})")
+                why = "not UTF-8" if isinstance(err, UnicodeDecodeError) else f"not JSON ({str(err).split(':')[0]})"
+                row = BadLine(line_no + offset, f"{where}: {why}")
             rows.append((index, row))
             index += 1
         return rows

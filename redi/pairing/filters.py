@@ -82,7 +82,7 @@ def load_benchmark_problems(path: str) -> list[str]:
                         raise UserError(f"{path} line {line_no}: not JSON") from None
     else:
         raise UserError(f"--decontaminate {path}: expected a .json, .jsonl or .parquet file")
-    return [_problem_text(row, f"{path} row {i}") for i, row in enumerate(rows)]
+    return [_problem_text(row, f"{path} row {i}") for i, row in enumerate(rows, start=1)]
 
 
 class Decontaminator:

@@ -210,8 +210,9 @@ def _grade(candidates: list, opts: PairOptions, tally: Tally) -> list:
 
 
 def pair_dataset(input_spec: str, output: str | Path, options: PairOptions | None = None, *,
-                 on_progress: Callable[[int, int | None], None] | None = None) -> PairResult:
-    """Build ``sft.*``, ``pairs.*`` and ``report.json`` in ``output`` from a file, folder or hub name."""
+                 on_progress: Callable[[int, int | None], None] | None = None, force: bool = False) -> PairResult:
+    """Build ``sft.*``, ``pairs.*`` and ``report.json`` in ``output`` from a file, folder or hub name.
+    An existing non-empty ``output`` is refused unless ``force`` (its files of those names are replaced)."""
     opts = options or PairOptions()
     _check_options(opts)
     started = time.perf_counter()
@@ -219,6 +220,10 @@ def pair_dataset(input_spec: str, output: str | Path, options: PairOptions | Non
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "a training run" if (out / "metrics.jsonl").exists() else "files"
+        raise UserError(f"--output {output} already holds {what}; choose another folder or pass --force to "
+                        f"replace sft.*, pairs.* and report.json there")
     spec = WorkSpec(schema, tuple(needed_columns(schema)), opts.correct_if, tuple(opts.exclude_sources),
                     opts.require_complete, opts.pairs_per_problem, opts.all_positives, opts.tokenizer,
                     opts.max_prompt_tokens, opts.max_response_tokens, tuple(opts.decontaminate), opts.ngram_size)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from redi.pairing import decode as decode
 from redi.errors import UserError
+from redi.hub import locate
 from redi.pairing.decode import count_range, decode_task, open_binary, read_range
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -220,10 +221,7 @@ def open_source(spec: str, split: str = "train") -> InputSource:
         return _file_source(spec, [path])
     if path.is_dir():
         return _dir_source(spec, path, split)
-    if path.suffix in (".parquet", ".jsonl", ".json", ".gz", ".arrow") or spec.startswith((".", "/", "~")):
-        raise UserError(f"input not found: {spec}")
-    if spec.count("/") != 1:
-        raise UserError(f"input not found: {spec} (not a file, a folder or a hub name like org/name)")
+    locate(spec, "dataset", "input")  # fails at once for a missing local-looking path or an unusable hub
     return _hub_source(spec, split)
 
 

@@ -32,7 +32,8 @@ class Tally:
     def drop(self, drop: Drop) -> None:
         self.dropped[drop.reason] += 1
         if drop.reason == "malformed":
-            entry = {"row": drop.row, "id": drop.problem_id, "reason": drop.detail}
+            # Row numbers users see are 1-based, as in `redi train` and jsonl line numbers.
+            entry = {"row": drop.row + 1, "id": drop.problem_id, "reason": drop.detail}
             self.malformed.append({k: v for k, v in entry.items() if v is not None})
 
     def histogram(self, name: str, unit: str) -> Histogram:
@@ -129,7 +130,7 @@ class BatchWorker:
                 hit = decon.match(verdict.problem)
                 if hit is not None:
                     tally.drop(Drop(row_index, "contaminated", hit[0], verdict.problem_id))
-                    tally.contaminated.append({"row": row_index, "id": verdict.problem_id, "benchmark": hit[0],
+                    tally.contaminated.append({"row": row_index + 1, "id": verdict.problem_id, "benchmark": hit[0],
                                                "ngram": hit[1]})
                     continue
             (ready if verdict.correct is not None else deferred).append(verdict)

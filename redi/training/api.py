@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 from redi.training import checkpoint as ckpt
-from redi.backend import Backend, make_backend
+from redi.backend import Backend, make_backend, model_edits
 from redi.builtin import materialise_data, materialise_model
-from redi.config import Config, dump, validate
+from redi.config import Config, dump, objective_line, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
+from redi.hub import locate
+from redi.lora import spec_from_config
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -30,8 +32,7 @@ def load_tokenizer(model_path: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if not Path(model_path).exists() and (model_path.startswith((".", "/")) or model_path.count("/") != 1):
-        raise UserError(f"model path not found: {model_path}")
+    locate(model_path, "model", "model path")
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
@@ -53,17 +54,27 @@ def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder:
         objective = make_objective(cfg.objective, **cfg.objective_params())
     if not examples:
         raise UserError(f"no usable {stage} rows in {source} ({report.rows} read, dropped: {report.dropped or 'none'})")
+    _shrink_to_data(settings, len(examples))
     run = StageRun(stage, settings, examples, objective, cfg.seed)
     run.report = report.to_dict()  # type: ignore[attr-defined]
     return run
+
+
+def _shrink_to_data(settings, n_examples: int) -> None:
+    """A batch larger than the data is the data (what the step plan trains anyway); config.yaml records it.
+    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid."""
+    if n_examples >= settings.batch_size:
+        return
+    settings.batch_size = n_examples
+    settings.micro_batch_size = max(d for d in range(1, min(settings.micro_batch_size, n_examples) + 1)
+                                    if n_examples % d == 0)
 
 
 def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Guards:
     collapse = None
     if stage == "pairs":
         warmup = math.ceil(run.settings.warmup_ratio * run.plan().total_steps)
-        collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_drop, cfg.collapse_growth, cfg.collapse_severe_drop,
-                                    ignore_before=warmup)
+        collapse = CollapseDetector.from_config(cfg, ignore_before=warmup)
         for record in previous:  # a resumed run re-reads its window from metrics.jsonl
             if record.get("stage") == stage:
                 collapse.update(record)
@@ -89,8 +100,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         state = resume_point(run_dir, len(stages) == 2)
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
-    backend = backend or make_backend(cfg.backend, cfg.seed, lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale,
-                                      lora_dora=cfg.lora_dora)
+    backend = backend or make_backend(cfg.backend, cfg.seed, lora=spec_from_config(cfg))
     if hasattr(backend, "configure"):  # the torch backend's speed/memory keys (docs/cuda.md)
         backend.configure(packing=cfg.packing, activation_checkpointing=cfg.activation_checkpointing,
                           compile=cfg.compile, optim_state_dtype=cfg.optim_state_dtype)
@@ -98,7 +108,9 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
                                                   materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
     encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
     if main:
-        dump(cfg, run_dir / "config.yaml")
+        if "pairs" in stages:
+            print(objective_line(cfg), flush=True)
+        dump(cfg, run_dir / "config.yaml", backend.name)
         if state:
             truncate_metrics(metrics_path, state["global_step"])
         elif metrics_path.exists():
@@ -111,7 +123,8 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
 
     def save_checkpoint(folder: Path, st: dict) -> None:
         def write(tmp: Path | None) -> None:
-            backend.save_model(str(tmp) if tmp else None)  # collective under multi-process; rank 0 writes
+            if not getattr(backend, "lora", None):  # a LoRA checkpoint is its adapter + optimizer (save_state)
+                backend.save_model(str(tmp) if tmp else None)  # collective under multi-process; rank 0 writes
             backend.save_state(str(tmp) if tmp else None)
             if tmp:
                 ckpt.write_state(tmp, st)
@@ -128,11 +141,13 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
                 reports[stage] = run.report  # type: ignore[attr-defined]
                 if main:
                     (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
+                    dump(cfg, run_dir / "config.yaml", backend.name)  # batch sizes after any shrink to the data
                 two_stage_second = stage == "pairs" and len(stages) == 2
                 backend.load(str(run_dir / "sft_final") if two_stage_second else model_path,
-                             precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
+                             precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk, **model_edits(cfg))
                 if index == 0 or two_stage_second:
-                    check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0)
+                    check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0,
+                                    trainable=_trainable_parameters(backend))
                 backend.start_stage(weight_decay=run.settings.weight_decay)
                 start_step = 0
                 if state.get("stage") == stage and not state.get("complete"):
@@ -175,6 +190,12 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _trainable_parameters(backend: Backend) -> int:
+    """Adapters only under LoRA; every weight otherwise."""
+    count = getattr(backend, "num_trainable_parameters", None)
+    return count() if count is not None else backend.num_parameters()
 
 
 def _rank(backend: Backend) -> int:

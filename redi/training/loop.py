@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from redi.training import checkpoint as ckpt
 from redi.backend import Backend
@@ -19,6 +19,7 @@ from redi.config import StageConfig
 from redi.data import TokenizedPair, TokenizedSeq
 from redi.errors import UserError
 from redi.training.guards import CollapseDetector, NonFiniteBudget
+from redi.training.progress import make_progress  # noqa: F401 (the callers' import)
 from redi.training.metrics import MetricsWriter, pair_step_metrics, sft_step_metrics
 from redi.objectives import Objective, PairStats, sft_loss
 
@@ -95,13 +96,6 @@ def rank_share(batches: list[MicroBatch], rank: int, world: int) -> list[tuple[i
     return share
 
 
-def make_progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
-    )
-
-
 def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWriter, *, global_step: int,
               start_step: int = 0, save_every: int = 0, keep_last: int = 2,
               progress: Progress | None = None, on_checkpoint: Callable[[Path, dict], None] | None = None,
@@ -161,8 +155,8 @@ def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWri
             raise UserError(f"non-finite loss or gradient at {run.name} step {step + 1} (global step {global_step}){where}; "
                             f"--set skip_nonfinite=N tolerates N such steps")
         if collapsed and guards.stop_on_collapse:
-            raise UserError(f"collapse at {run.name} step {step + 1}: chosen and rejected LogPS fell together while "
-                            f"update_norm rose (stop_on_collapse is set); lower the learning rate or alpha")
+            raise UserError(f"collapse at {run.name} step {step + 1}: chosen and rejected LogPS both fell to twice "
+                            f"their start or more (stop_on_collapse is set); lower the learning rate or alpha")
         if progress:
             info = f"loss {record['loss']:.4f}  "
             if run.objective is not None:
