@@ -147,6 +147,7 @@ def run_one(name: str, mode: str, options: dict, args, data, max_len: int, devic
         "checkpointed_layers": max(ckpt), "timed_tokens": int(sum(tokens)), "reference_pass_s": round(ref_s, 3),
         "micro_pairs": micro_pairs, "timed_steps": len(step_times), "warmup_steps": args.warmup,
         "warmup_step_s": [round(t, 3) for t in warmup_times], "compiled": layers.compiled(backend.layers),
+        "fsdp2_ranks": backend.world_size if backend.dist.enabled else 0,
     }
     del backend
     gc.collect()
@@ -206,7 +207,9 @@ def markdown(results: list[dict], trl: list[dict], header: str, args) -> str:
             lines.append(f"| {r['run']} | {r.get('max_len', '')} | error: {r['error'][:80]} | | | | | | | |")
             continue
         warm = " ".join(f"{t:.2f}" for t in r["warmup_step_s"])
-        lines.append(f"| {r['run']}{'' if r['compiled'] or r['options'].get('compile') in (None, False, 'false') else ' (fell back to eager)'} "
+        notes = ("" if r["compiled"] or r["options"].get("compile") in (None, False, "false") else " (fell back to eager)") + \
+            (f" (FSDP2, {r['fsdp2_ranks']} rank{'s' if r['fsdp2_ranks'] > 1 else ''})" if r.get("fsdp2_ranks") else "")
+        lines.append(f"| {r['run']}{notes} "
                      f"| {r['max_len']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_with_optimizer']:,.0f} | "
                      f"{100 * r['padding_fraction']:.1f}% | {r['step_s_p50']:.3f} / {r['step_s_p90']:.3f} | {warm} | "
                      f"{r['peak_gb']:.1f} | {100 * r['mfu']:.1f}% | {r['checkpointed_layers']} |")
@@ -326,7 +329,7 @@ def main() -> None:
         trl.extend(longest_pair(args, device, parse_run("redi+" + args.longest_options)[2] if args.longest_options else {}))
     table = markdown(results, trl, header, args)
     print("\n" + table, flush=True)
-    if args.out:
+    if args.out and os.environ.get("RANK", "0") == "0":  # under torchrun every rank trains; rank 0 writes
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = args.stem + "-" + "-".join(str(m) for m in max_lens)
