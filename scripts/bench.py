@@ -90,6 +90,18 @@ def new_backend(options: dict, args, max_len: int, device: torch.device) -> Torc
     return backend
 
 
+def reference_logps(backend: TorchBackend, steps, micro_pairs: int, device: torch.device) -> tuple[dict, float]:
+    """DPO's reference log-probs: one no-grad pass, cached, no second model held; and its seconds."""
+    refs = {}
+    sync(device)
+    t = time.perf_counter()
+    for s, pairs in enumerate(steps):
+        for b in step_batches("dpo", pairs, micro_pairs):
+            refs[(s, tuple(b.indices))] = backend.sequence_logps(b)[0]
+    sync(device)
+    return refs, time.perf_counter() - t
+
+
 def run_one(name: str, mode: str, options: dict, args, data, max_len: int, device: torch.device) -> dict:
     options = dict(options)
     micro_pairs = int(options.pop("micro_pairs", args.micro_pairs))
@@ -98,17 +110,7 @@ def run_one(name: str, mode: str, options: dict, args, data, max_len: int, devic
     h, _, n_layers, *_ = SHAPES[args.shape]
     run = stage_run(mode)
     steps = [data[s * args.pairs:(s + 1) * args.pairs] for s in range(args.warmup + args.steps)]
-    ref_s = 0.0
-    refs = {}
-    if mode == "dpo":  # the reference log-probs: one no-grad pass, cached, no second model held
-        sync(device)
-        t = time.perf_counter()
-        for s, pairs in enumerate(steps):
-            for b in step_batches(mode, pairs, micro_pairs):
-                logps, _ = backend.sequence_logps(b)
-                refs[(s, tuple(b.indices))] = logps
-        sync(device)
-        ref_s = time.perf_counter() - t
+    refs, ref_s = reference_logps(backend, steps, micro_pairs, device) if mode == "dpo" else ({}, 0.0)
     fb_times, step_times, tokens, padded, flops, ckpt, warmup_times = [], [], [], [], [], [], []
     for s, pairs in enumerate(steps):
         batches = step_batches(mode, pairs, micro_pairs)
@@ -260,7 +262,7 @@ def parse_run(spec: str) -> tuple[str, str, dict]:
     return spec, mode, options
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke run in seconds")
     p.add_argument("--shape", default=None, choices=sorted(SHAPES))
@@ -286,7 +288,11 @@ def main() -> None:
                    help="also run each run with rank-RANK LoRA adapters (PEFT), beside full fine-tuning")
     p.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for the .json and .md results")
     p.add_argument("--stem", default="bench", help="file names: STEM-<max len>.{json,md}")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     args.shape = args.shape or ("tiny" if args.tiny or not cuda else "qwen2.5-1.5b")
@@ -330,14 +336,17 @@ def main() -> None:
     table = markdown(results, trl, header, args)
     print("\n" + table, flush=True)
     if args.out and os.environ.get("RANK", "0") == "0":  # under torchrun every rank trains; rank 0 writes
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = args.stem + "-" + "-".join(str(m) for m in max_lens)
-        (out / f"{stem}.json").write_text(json.dumps({
-            "header": header, "window": {"steps": args.steps, "warmup": args.warmup, "trl_steps": args.trl_steps or args.steps},
-            "results": results, "trl": trl, "trl_best": [dict(r) for r in best_trl(trl).values()],
-            "ratios": ratios(results, trl)}, indent=2))
-        (out / f"{stem}.md").write_text(table + "\n")
+        write_results(Path(args.out), args.stem + "-" + "-".join(str(m) for m in max_lens), args, header, results, trl,
+                      table)
+
+
+def write_results(out: Path, stem: str, args, header: str, results: list[dict], trl: list[dict], table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({
+        "header": header, "window": {"steps": args.steps, "warmup": args.warmup, "trl_steps": args.trl_steps or args.steps},
+        "results": results, "trl": trl, "trl_best": [dict(r) for r in best_trl(trl).values()],
+        "ratios": ratios(results, trl)}, indent=2))
+    (out / f"{stem}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":
