@@ -11,6 +11,7 @@ in one run is a valid claim.
 
     python scripts/bench.py --tiny                        # CPU smoke run, seconds
     python scripts/bench.py --max-len 4096 --with-trl     # the GPU measurement (scripts/gpu_check.sh)
+    python scripts/bench.py --tiny --lora 16              # each run again with rank-16 LoRA adapters (PEFT)
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from redi.backends.torch_cuda.packing import pack  # noqa: E402
 from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
 from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
+from redi.lora import LoraSpec  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
@@ -122,7 +124,9 @@ def step_batches(mode: str, pairs, micro_pairs: int) -> list[MicroBatch]:
 def run_one(name: str, mode: str, options: dict, args, data, max_len: int, device: torch.device) -> dict:
     options = dict(options)
     micro_pairs = int(options.pop("micro_pairs", args.micro_pairs))
-    backend = TorchBackend(device.type, seed=0, **options)
+    rank = int(options.get("lora_rank", 0))  # stays in the result's options: no TRL ratio for LoRA runs
+    backend = TorchBackend(device.type, seed=0, lora=LoraSpec(rank) if rank else None,
+                           **{k: v for k, v in options.items() if k != "lora_rank"})
     backend.adopt(make_model(args.shape, max_len, device), lm_head_chunk=args.lm_head_chunk)
     backend.init_optimizer(weight_decay=0.0)
     n_params = backend.num_parameters()
@@ -163,7 +167,9 @@ def run_one(name: str, mode: str, options: dict, args, data, max_len: int, devic
             lens = [q.length for b in batches for q in b.seqs]
             tokens.append(sum(lens))
             padded.append(sum(pack(b, 0).width for b in batches))
-            flops.append(sum(6 * n_params * n + 6 * n_layers * h * n * n for n in lens))
+            # LoRA: no weight gradients for the frozen base, so 4 N per token instead of 6 N (adapters ignored)
+            per = 4 if rank else 6
+            flops.append(sum(per * n_params * n + per * n_layers * h * n * n for n in lens))
             ckpt.append(backend.last_checkpointed_layers)
     peak = peak_gib(device)
     fb, st = sum(fb_times), sum(step_times)
@@ -285,6 +291,7 @@ def markdown(results: list[dict], trl: list[dict], header: str) -> str:
         else:
             lines.append(f"| {r['run']} (TRL) | {r['max_len']} | {r['tokens_per_s']:,.0f} | | | | {r['peak_gb']:.1f} | | |")
     ratios = ratio_lines(results, [r for r in trl if "tokens_per_s" in r and r.get("run") != "longest_pair"])
+    ratios += lora_ratio_lines(results)
     return "\n".join(lines + ([""] + ratios if ratios else []))
 
 
@@ -298,6 +305,21 @@ def ratio_lines(results: list[dict], trl: list[dict]) -> list[str]:
             if t["run"] == against[r["mode"]] and t["max_len"] == r["max_len"]:
                 out.append(f"- {r['run']} at {r['max_len']}: {r['tokens_per_s'] / t['tokens_per_s']:.2f}x "
                            f"{t['run']}'s tokens/s, peak {r['peak_gb']:.1f} vs {t['peak_gb']:.1f} GiB")
+    return out
+
+
+def lora_ratio_lines(results: list[dict]) -> list[str]:
+    """``--lora``: each LoRA run against its full fine-tuning twin of the same run (same data, same process)."""
+    full = {(r["run"], r["max_len"]): r for r in results if "error" not in r}
+    out = []
+    for r in results:
+        base = r["run"].split("+lora_rank=")[0]
+        if "error" in r or "+lora_rank=" not in r["run"] or (base, r["max_len"]) not in full:
+            continue
+        f = full[base, r["max_len"]]
+        out.append(f"- {r['run']} at {r['max_len']}: {r['tokens_per_s'] / f['tokens_per_s']:.2f}x {base}'s tokens/s "
+                   f"(with optimizer {r['tokens_per_s_with_optimizer'] / f['tokens_per_s_with_optimizer']:.2f}x), "
+                   f"peak {r['peak_gb']:.1f} vs {f['peak_gb']:.1f} GiB")
     return out
 
 
@@ -335,6 +357,8 @@ def main() -> None:
     p.add_argument("--trl-steps", type=int, default=0)
     p.add_argument("--trl-script", default=None)
     p.add_argument("--trl-timeout", type=int, default=900, help="seconds per TRL trainer")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also run each run with rank-RANK LoRA adapters (PEFT), beside full fine-tuning")
     p.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for bench.json and bench.md")
     args = p.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
@@ -345,6 +369,8 @@ def main() -> None:
         args.pairs, args.steps, args.warmup = min(args.pairs, 2), min(args.steps, 2), min(args.warmup, 1)
         args.lm_head_chunk = min(args.lm_head_chunk, 256)
     runs = [parse_run(r) for r in args.runs.split(",") if r]
+    if args.lora:
+        runs = [twin for spec in runs for twin in (spec, parse_run(f"{spec[0]}+lora_rank={args.lora}"))]
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     import transformers
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from redi.backend import OPTION_KEYS, Backend, backend_options, make_backend
+from redi.backend import OPTION_KEYS, SPEED_KEYS, Backend, backend_options, make_backend
 from redi.config import Config
 from redi.errors import UserError
 
@@ -104,15 +104,25 @@ def test_config_options_reach_the_backend_through_its_constructor(name):
     pytest.importorskip("torch" if name == "cpu" else "mlx.core")
     cfg = Config(activation_checkpointing="1", optim_state_dtype="bf16", compile=True, packing=False)
     options = backend_options(cfg, name)
-    assert set(options) == set(OPTION_KEYS[name]) and all(hasattr(cfg, k) for k in options)
+    assert set(options) == set(SPEED_KEYS) | {"lora"}  # the lora_* keys arrive as one LoraSpec
+    assert all(hasattr(cfg, k) for k in OPTION_KEYS[name])
+    assert options["lora"] is None
     backend = make_backend(name, 0, **options)
     assert (backend.options.activation_checkpointing, backend.options.optim_state_dtype) == ("1", "bf16")
-    assert backend.options.compile is True and backend.options.packing is False
+    assert backend.options.compile in (True, "true") and backend.options.packing is False
 
 
-def test_lora_on_a_backend_without_it_is_one_user_error():
-    with pytest.raises(UserError, match="lora_rank and lora_dora need --backend mlx"):
-        backend_options(Config(lora_rank=8), "cpu")
+@pytest.mark.parametrize("name", ["cpu", "mlx"])
+def test_lora_keys_reach_the_backend_as_one_spec(name):
+    pytest.importorskip("peft" if name == "cpu" else "mlx.core")
+    backend = make_backend(name, 0, **backend_options(Config(lora_rank=8, lora_scale=4.0, lora_dora=True), name))
+    assert (backend.lora.rank, backend.lora.scale, backend.lora.dora) == (8, 4.0, True)
+
+
+def test_an_unknown_option_is_one_user_error():
+    pytest.importorskip("torch")
+    with pytest.raises(UserError, match="unknown torch backend option 'pakcing'"):
+        make_backend("cpu", 0, pakcing=False)
 
 
 def test_no_probe_on_a_backend_in_the_core():

@@ -8,26 +8,26 @@ tuner. Checkpoints are HF directories (``io.py``). Parity with the torch backend
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from redi.backends.mlx import checkpointing, io, logprobs
+from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
 from redi.backend import MicroBatch, apply_options
-from redi.config import check_precision, checkpointing_mode
+from redi.config import check_precision
+from redi.layer_checkpointing import checkpointing_mode
 from redi.errors import UserError
+from redi.lora import ADAPTER_DIR, LoraSpec
 
 # mlx-lm's trainer rounds to 32 too: bounded padding waste and a bounded number of shapes per run.
 PAD_MULTIPLE = 32
 OPTIMIZER_FILE = "optimizer.safetensors"
-ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapter_config.json"
 
 
 class MLXOps:
@@ -60,20 +60,19 @@ class MLXOptions:
 
     packing: bool = True  # accepted for the shared config; MLX always runs right-padded, 32-rounded batches
     activation_checkpointing: str = "auto"  # none | full | N | auto | auto:GB (auto plans on Apple GPUs only)
-    compile: bool = False  # mx.compile the log-prob graph; bit-identical, no gain measured with varying shapes
+    compile: bool | str = False  # mx.compile the log-prob graph; bit-identical, no gain measured (auto: off)
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32, or bf16 (as the torch backend's option)
 
 
 class MLXBackend:
-    def __init__(self, seed: int = 0, *, lora_rank: int = 0, lora_scale: float = 20.0, lora_dora: bool = False,
-                 lora_keys: list[str] | None = None, **options: Any):
+    def __init__(self, seed: int = 0, *, lora: LoraSpec | None = None, **options: Any):
         self.name = "mlx"
         self.ops = MLXOps()
         self.seed = seed
-        self.lora = {"rank": lora_rank, "scale": lora_scale, "dropout": 0.0, "keys": lora_keys} if lora_rank else None
-        self.lora_dora = lora_dora
+        self.lora = lora  # LoRA/DoRA adapters over a frozen base (mlx-lm's tuner; conventions in redi/lora.py)
         self.options = MLXOptions()
         apply_options(self.options, options, "mlx")
+        self.options.compile = self.options.compile == "true"  # auto: no gain measured on MLX yet
         self.rank, self.world_size = 0, 1  # one process: MLX has no multi-process training here
         self.model: Any = None
         self.optimizer: AdamW | None = None
@@ -81,22 +80,18 @@ class MLXBackend:
 
     # ------------------------------------------------------------------ loading and saving
 
-    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
+    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024,
+             model_config: dict | None = None) -> None:
         check_precision(precision, self.name)
         # auto is fp32 here: MLX has no autocast, and bf16 pays off only on Apple GPUs.
         self.compute_dtype = mx.bfloat16 if precision == "bf16" else mx.float32
         self.lm_head_chunk = lm_head_chunk
         mx.random.seed(self.seed)
-        self.model, self.config, self.source = io.load_model(model_path)
+        self.model, self.config, self.source = io.load_model(model_path, model_config)
         self.model.eval()  # dropout off, as TRL's disable_dropout does for the torch backend
         self._check_head()
         if self.lora:
-            from mlx_lm.tuner.utils import linear_to_lora_layers
-
-            self.model.freeze()
-            config = {k: v for k, v in self.lora.items() if v is not None}
-            linear_to_lora_layers(self.model, len(self.model.layers), config, use_dora=self.lora_dora)
-            self.model.set_dtype(mx.float32)
+            mlx_lora.wrap(self.model, self.lora, self.seed)
             if self.compute_dtype != mx.float32:
                 # The frozen base receives no updates, so it can live in the compute dtype (released
                 # checkpoints are bf16 anyway); only the adapters keep fp32 masters.
@@ -127,24 +122,29 @@ class MLXBackend:
     def num_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.parameters()))
 
+    def num_trainable_parameters(self) -> int:
+        return sum(v.size for v in self._trainable().values())
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
 
     def save_model(self, path: str | None) -> None:
-        if path is not None:  # None only reaches ranks other than 0, which a one-process backend never has
-            io.save_model(self.model, self.config, self.source, Path(path))
+        if path is None:  # None only reaches ranks other than 0, which a one-process backend never has
+            return
+        io.save_model(self.model, self.config, self.source, Path(path))
+        if self.lora:  # the adapter beside the merged model
+            mlx_lora.save_adapter(self.model, self.lora, Path(path) / ADAPTER_DIR, str(self.source))
 
     def save_checkpoint(self, path: str | None) -> None:
-        """The model folder plus the optimizer state and, with LoRA, the adapters (what ``load_checkpoint`` reads)."""
+        """The model folder (under LoRA the adapter instead: the base does not change) plus the optimizer state:
+        what ``load_checkpoint`` reads."""
         if path is None:
             return
-        self.save_model(path)
         out = Path(path)
+        if not self.lora:
+            self.save_model(path)
         if self.lora:
-            mx.save_safetensors(str(out / ADAPTER_FILE), dict(tree_flatten(self.model.trainable_parameters())))
-            cfg = {"fine_tune_type": "dora" if self.lora_dora else "lora", "num_layers": len(self.model.layers),
-                   "lora_parameters": self.lora}
-            (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+            mlx_lora.save_adapter(self.model, self.lora, out, str(self.source))
         if self.optimizer is not None:
             arrays, metadata = self.optimizer.state()
             mx.save_safetensors(str(out / OPTIMIZER_FILE), arrays, metadata=metadata)
@@ -152,8 +152,7 @@ class MLXBackend:
     def load_checkpoint(self, path: str) -> None:
         folder = Path(path)
         if self.lora:
-            # The checkpoint's model.safetensors has the adapters fused in; resume from base + adapters.
-            self.model.load_weights(str(folder / ADAPTER_FILE), strict=False)
+            mlx_lora.load_adapter(self.model, folder)  # the base is unchanged; only the adapters resume
         else:
             io.load_weights(self.model, folder)
         if (folder / OPTIMIZER_FILE).exists() and self.optimizer is not None:
@@ -226,10 +225,14 @@ class MLXBackend:
             s = self._fn(p, *scored.arrays())
             return loss_fn(self.ops, s, lengths), s
 
+        if self.lora and self.lora.dropout:
+            mlx_lora.set_dropout(self.model, True)
         try:
             (_, s), grads = mx.value_and_grad(loss_of)(params)
         finally:
             self.model.update(params)  # the fp32 masters, not the (cast) arrays seen while differentiating
+            if self.lora and self.lora.dropout:
+                mlx_lora.set_dropout(self.model, False)
         grads = dict(tree_flatten(grads))
         self._grads = grads if self._grads is None else {k: self._grads[k] + g for k, g in grads.items()}
         mx.eval(s, self._grads)
@@ -272,11 +275,7 @@ class MLXBackend:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
-        key = mx.random.key(seed)
-        outputs: list[list[int]] = []
-        for start in range(0, len(prompts), batch_size):
-            key, sub = mx.random.split(key)
-            outputs.extend(generate_batch(self.model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, key=sub, eos_id=eos_id))
-        return outputs
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        return generate_batch(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, key=mx.random.key(seed), eos_id=eos_id, stop_ids=stop_ids,
+                              batch_size=batch_size)

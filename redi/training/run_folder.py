@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from redi.training import checkpoint as ckpt
-from redi.config import Config, to_dict
+from redi.config import Config, resolved_dict
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
@@ -26,10 +26,16 @@ def check_writable(run_dir: Path) -> None:
         raise UserError(f"output folder {run_dir} is not writable: {err.strerror}") from None
 
 
-def check_disk_room(run_dir: Path, n_parameters: int, keep_last: int, with_checkpoints: bool) -> None:
-    """fp32 weights, plus AdamW's two moments in a checkpoint; refuse before training, not at step 1,000."""
+def check_disk_room(run_dir: Path, n_parameters: int, keep_last: int, with_checkpoints: bool,
+                    trainable: int | None = None) -> None:
+    """fp32 weights, plus AdamW's two moments in a checkpoint; refuse before training, not at step 1,000.
+    With LoRA (``trainable`` < ``n_parameters``) a checkpoint is the adapter and its moments, and final/ also
+    keeps the adapter (twice: PEFT's and mlx-lm's layout) beside the merged weights."""
     model_bytes = 4 * n_parameters
-    per_checkpoint = 3 * model_bytes
+    trainable = n_parameters if trainable is None else trainable
+    lora = trainable < n_parameters
+    per_checkpoint = 4 * trainable * (2 + 2) if lora else 3 * model_bytes  # adapter in both layouts + m, v
+    model_bytes += 2 * 4 * trainable if lora else 0
     need = model_bytes * 2 + (per_checkpoint * (keep_last + 1) if with_checkpoints else 0)
     free = shutil.disk_usage(run_dir).free
     if free < need:
@@ -52,7 +58,7 @@ def config_drift(run_dir: Path, cfg: Config) -> list[str]:
     if not saved_path.exists():
         return []
     saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = flatten(to_dict(cfg))
+    now = flatten(resolved_dict(cfg))
     return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
 
@@ -68,3 +74,18 @@ def resume_point(run_dir: Path, two_stages: bool) -> dict:
         if state.get("stage") != "pairs" or state.get("global_step", 0) < sft_end:
             state = {"stage": "sft", "complete": True, "global_step": sft_end}
     return state
+
+
+def stopped_note(run_dir: Path) -> str:
+    """Where an interrupted run stopped and what `--resume` will pick up, in one line."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    last = json.loads(lines[-1]) if lines else None
+    where = f"after {last['stage']} step {last['step']} (global step {last['global_step']})" if last else "before the first step"
+    point = resume_point(run_dir, (run_dir / "sft_final").exists())
+    if point.get("checkpoint"):
+        start = f"continues from checkpoint {point['checkpoint']}"
+    elif point.get("complete"):
+        start = f"continues from {run_dir / 'sft_final'} (stage 1 finished)"
+    else:
+        start = "starts over (no checkpoint written yet; --save-every N writes them)"
+    return f"run stopped {where}; `redi train --resume {run_dir}` {start}"
