@@ -5,9 +5,9 @@ closest valid key suggested; wrong types and out-of-range values are refused wit
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from redi.errors import UserError
+from redi.layer_checkpointing import checkpointing_mode
 from redi.lora import spec_from_config
 from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES, PAPER_DEFAULTS
 
@@ -36,6 +37,9 @@ class StageConfig:
     max_grad_norm: float = 1.0
     max_length: int = 19800
     max_prompt_length: int = 0  # 0: no separate prompt limit
+
+
+REPORT_TARGETS = ("tensorboard", "wandb")  # report_to: the trackers redi.training.report_to can feed
 
 
 @dataclass
@@ -73,7 +77,11 @@ class Config:
     collapse_drop: float = 0.1
     collapse_ratio: float = 2.0
     on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
-    # Torch backend speed and memory (docs/cuda.md); other backends ignore them.
+    # Trackers fed each step's metrics besides metrics.jsonl: tensorboard (<output>/tensorboard/), wandb.
+    report_to: list[str] = field(default_factory=list)
+    wandb_project: str = "redi"
+    wandb_run_name: str = ""  # empty: the output folder's name
+    # Backend speed and memory (docs/cuda.md, docs/mlx.md); which backend reads which: redi.backend.OPTION_KEYS.
     packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
     activation_checkpointing: str = "auto"  # none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)
     compile: str = "false"  # false | true | auto (on where measured to pay: CUDA); FlexAttention compiles regardless
@@ -156,6 +164,11 @@ def _coerce(key: str, raw: Any, target_type: Any, where: str) -> Any:
             raw = yaml.safe_load(raw)
         except yaml.YAMLError:
             pass
+    if target_type == list[str]:
+        items = raw.split(",") if isinstance(raw, str) else raw  # --set report_to=tensorboard,wandb
+        if isinstance(items, list) and all(isinstance(x, str) for x in items):
+            return [x.strip() for x in items if x.strip()]
+        raise UserError(f"config key '{key}' in {where} must be a list of names, got {raw!r}")
     try:
         if target_type is bool:
             if isinstance(raw, bool):
@@ -246,8 +259,7 @@ def validate(cfg: Config) -> Config:
     if cfg.lora_rank < 0:
         raise UserError(f"config key 'lora_rank' is out of range: {cfg.lora_rank!r}")
     spec_from_config(cfg)  # lora_dora without a rank, lora_dropout out of range
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{cfg.precision}'")
+    check_precision(cfg.precision, cfg.backend)
     if cfg.on_malformed not in ("error", "skip"):
         raise UserError(f"config key 'on_malformed' must be error or skip, got '{cfg.on_malformed}'")
     if cfg.beta is not None and cfg.beta <= 0:
@@ -256,12 +268,8 @@ def validate(cfg: Config) -> Config:
         import sys
 
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
-    if cfg.precision == "bf16" and cfg.backend == "cpu":
-        raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
-    checkpointing_mode(cfg.activation_checkpointing)
+    check_memory_options(cfg.activation_checkpointing, cfg.optim_state_dtype)
     compile_mode(cfg.compile)
-    if cfg.optim_state_dtype not in ("fp32", "bf16"):
-        raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{cfg.optim_state_dtype}'")
     if cfg.collapse_window < 1:
         raise UserError(f"config key 'collapse_window' must be at least 1, got {cfg.collapse_window}")
     for name in ("sft", "pairs"):
@@ -286,6 +294,12 @@ def validate(cfg: Config) -> Config:
                 f"config key '{name}.batch_size' ({s.batch_size}) must be a multiple of "
                 f"'{name}.micro_batch_size' ({s.micro_batch_size})"
             )
+    unknown = [t for t in cfg.report_to if t not in REPORT_TARGETS]
+    if unknown:
+        raise UserError(f"config key 'report_to': unknown target '{unknown[0]}'; choose from: {', '.join(REPORT_TARGETS)}")
+    if cfg.sft.max_prompt_length:
+        raise UserError("config key 'sft.max_prompt_length' does nothing: stage 1 keeps every prompt and right-"
+                        "truncates rows at sft.max_length; the prompt limit is pairs.max_prompt_length")
     for key in ("save_every", "keep_last", "lm_head_chunk", "log_every", "skip_nonfinite", "collapse_window",
                 "collapse_drop", "collapse_ratio"):
         if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_ratio") else 0):
@@ -293,25 +307,31 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def checkpointing_mode(mode: str | int) -> tuple[str, float | None]:
-    """``activation_checkpointing`` parsed once for every backend: ("none"|"full"|"auto"|"count", value)."""
-    text = str(mode).strip().lower()
-    if text in ("none", "full", "auto"):
-        return text, None
-    if re.fullmatch(r"auto:\d+(\.\d+)?", text):
-        return "auto", float(text.split(":", 1)[1])
-    if text.isdigit():
-        return "count", float(text)
-    raise UserError(f"config key 'activation_checkpointing' must be none, full, auto, auto:GB or a number of "
-                    f"layers, got '{mode}'")
+def check_precision(precision: str, backend: str) -> None:
+    """``precision`` checked for the config and again by each backend's ``load`` (which may be called directly)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{precision}'")
+    if precision == "bf16" and backend == "cpu":
+        raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
 
 
-def fixed_checkpoint_layers(mode: str | int, n_layers: int) -> int | None:
-    """Layers to recompute when the mode alone decides it; None for auto, where the backend plans."""
-    kind, value = checkpointing_mode(mode)
-    if kind == "auto":
-        return None
-    return {"none": 0, "full": n_layers}.get(kind, max(0, min(n_layers, int(value or 0))))
+def check_memory_options(activation_checkpointing: str, optim_state_dtype: str) -> None:
+    """The memory keys both backends read, checked for the config and by each backend's constructor."""
+    checkpointing_mode(activation_checkpointing)
+    if optim_state_dtype not in ("fp32", "bf16"):
+        raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{optim_state_dtype}'")
+
+
+def continued_sft_config(cfg: Config) -> Config:
+    """The control for extra training: SFT on the pairs' chosen traces with stage 2's exact settings. Same
+    examples, seed and batch size, hence the same batches in the same order as the pair run (the core's order
+    is a function of seed, step and example count); only the loss differs (no negatives). The caller points
+    ``data`` at the pairs (an SFT stage on a pairs file trains on its chosen traces)."""
+    control = copy.deepcopy(cfg)
+    control.stage = "sft"
+    control.sft = copy.deepcopy(cfg.pairs)
+    control.sft.max_prompt_length = 0  # a pairs-only setting
+    return control
 
 
 def to_dict(cfg: Config) -> dict:

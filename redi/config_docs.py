@@ -3,13 +3,11 @@ README's key table (`redi config show --markdown`; a test keeps the README in st
 repeated here: they come from the dataclasses in redi/config.py."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from redi.config import Config, _leaf_keys
 
 ALL = "all"
-TORCH = "cpu, cuda"
 
 _STAGE = {
     "learning_rate": ("peak learning rate (linear warmup, then linear decay to 0)", ALL),
@@ -21,7 +19,7 @@ _STAGE = {
     "weight_decay": ("AdamW weight decay", ALL),
     "max_grad_norm": ("gradient clipping norm; 0: off", ALL),
     "max_length": ("tokens per sequence; sft rows are right-truncated, longer pairs are dropped", ALL),
-    "max_prompt_length": ("pairs: drop pairs whose prompt is longer; 0: no separate limit", ALL),
+    "max_prompt_length": ("drop pairs whose prompt is longer; 0: no separate limit (sft: must stay 0)", ALL),
 }
 
 KEY_DOCS: dict[str, tuple[str, str]] = {
@@ -30,9 +28,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "output": ("run folder", ALL),
     "backend": ("cpu | cuda | mlx; empty: cuda if available, mlx on Apple silicon, else cpu", ALL),
     "stage": ("sft | pairs | both", ALL),
-    "objective": ("stage 2 loss: redi | symmetric | dpo | simpo", ALL),
+    "objective": ("stage 2 loss: redi | symmetric | dpo | simpo | orpo", ALL),
     "alpha": ("REDI: weight of the rejected term (the paper's 0.8)", ALL),
-    "beta": ("DPO/SimPO beta; 0: the objective's paper default (DPO 0.001, SimPO 2.0)", ALL),
+    "beta": ("DPO/SimPO beta, ORPO's lambda; empty: the objective's default (DPO 0.001, SimPO 2.0, ORPO 0.1)", ALL),
     "gamma": ("SimPO target margin", ALL),
     "seed": ("data order, model init of built-ins, sampling", ALL),
     "save_every": ("checkpoint every N optimizer steps; 0: only the final model", ALL),
@@ -40,9 +38,11 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "system_prompt": ("system turn added to conversational (message) rows; string rows ignore it", ALL),
     "precision": ("auto: bf16 autocast over fp32 weights on CUDA, fp32 elsewhere | fp32 | bf16", ALL),
     "lm_head_chunk": ("completion tokens per LM-head chunk (never full tokens x vocab logits)", ALL),
-    "lora_rank": ("> 0: rank-r LoRA adapters on every linear layer, base frozen", "mlx"),
-    "lora_scale": ("mlx-lm's LoRA scale (multiplies the adapter output; not PEFT's alpha)", "mlx"),
-    "lora_dora": ("DoRA instead of LoRA", "mlx"),
+    "lora_rank": ("> 0: rank-r LoRA adapters on lora_targets in every decoder block, base frozen", ALL),
+    "lora_scale": ("multiplies the adapter output (mlx-lm's scale; PEFT's lora_alpha / lora_rank)", ALL),
+    "lora_dropout": ("dropout on the adapter input (training passes only)", ALL),
+    "lora_dora": ("DoRA instead of LoRA", ALL),
+    "lora_targets": ("comma-separated block modules; empty: every attention and MLP linear", ALL),
     "log_every": ("steps between plain progress lines when stdout is not a terminal", ALL),
     "skip_nonfinite": ("tolerate up to N steps with a non-finite loss or gradient (skipped, logged)", ALL),
     "stop_on_collapse": ("stop the run when the collapse alarm fires", ALL),
@@ -50,12 +50,16 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "collapse_drop": ("collapse alarm: nats/token both LogPS must have fallen by", ALL),
     "collapse_ratio": ("collapse alarm: times as far below zero as at the start both LogPS must be", ALL),
     "on_malformed": ("error | skip (skipped rows are counted and listed in data_report.json)", ALL),
-    "packing": ("padding-free rows with a document mask; false: right-padded batches", TORCH),
-    "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)", TORCH),
-    "compile": ("false / true (torch.compile the decoder layers; mlx: mx.compile) / auto (CUDA only); "
+    "report_to": ("trackers fed each step's metrics besides metrics.jsonl: tensorboard, wandb", ALL),
+    "wandb_project": ("W&B project (report_to: wandb)", ALL),
+    "wandb_run_name": ("W&B run name; empty: the output folder's name", ALL),
+    "packing": ("padding-free rows with a document mask; false: right-padded batches (MLX: always padded)", ALL),
+    "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap)", ALL),
+    "compile": ("false | true | auto: torch.compile the decoder layers (auto: CUDA) / mx.compile (MLX: true); "
                 "eager, with one warning line, if compiling fails", ALL),
-    "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", TORCH),
+    "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", ALL),
     **{f"{stage}.{key}": (f"{stage}: {what}", who) for stage in ("sft", "pairs") for key, (what, who) in _STAGE.items()},
+    "model_config": ("edits to the model's config.json before loading (e.g. rope_theta), kept in checkpoints", ALL),
     "task": ("free-form section of the built-in demo task (problem generator, evaluation)", "demo"),
 }
 

@@ -17,11 +17,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+import numpy as np
+
 
 class ArrayOps(Protocol):
+    """The few array functions an objective needs beyond ``+ - * /``; each backend supplies its own."""
+
     def log_sigmoid(self, x: Any) -> Any: ...
     def mean(self, x: Any) -> Any: ...
     def sum(self, x: Any) -> Any: ...
+    def asarray(self, x: Any) -> Any: ...  # a numpy array (e.g. cached reference log-probs) as this module's array
+    def log1mexp(self, x: Any) -> Any: ...  # log(1 - exp(x)) for x < 0, computed stably
+
+
+class NumpyOps:
+    """The objectives' array ops in numpy (float64), for metrics and reference computations."""
+
+    @staticmethod
+    def log_sigmoid(x: Any) -> Any:
+        return -np.logaddexp(0.0, -x)
+
+    @staticmethod
+    def mean(x: Any) -> Any:
+        return np.mean(x)
+
+    @staticmethod
+    def sum(x: Any) -> Any:
+        return np.sum(x)
+
+    @staticmethod
+    def asarray(x: Any) -> Any:
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def log1mexp(x: Any) -> Any:
+        return np.log(-np.expm1(x))
 
 
 @dataclass(frozen=True)
@@ -67,6 +97,15 @@ def simpo_loss(ops: ArrayOps, s: PairStats, *, beta: float = 2.0, gamma: float =
     return ops.mean(-ops.log_sigmoid(chosen - rejected - gamma)), chosen, rejected
 
 
+def orpo_loss(ops: ArrayOps, s: PairStats, *, beta: float = 0.1) -> tuple[Any, Any, Any]:
+    """ORPO (Hong et al. 2024) as TRL's ORPOTrainer: -S_w/L_w - beta * log sigmoid(log odds_w - log odds_l), where
+    log odds = P - log(1 - exp(P)) of the length-normalised log-prob P = S/L; rewards are beta * P."""
+    chosen = s.chosen_logps / s.chosen_lengths
+    rejected = s.rejected_logps / s.rejected_lengths
+    log_odds = (chosen - ops.log1mexp(chosen)) - (rejected - ops.log1mexp(rejected))
+    return ops.mean(-chosen - beta * ops.log_sigmoid(log_odds)), beta * chosen, beta * rejected
+
+
 @dataclass(frozen=True)
 class Objective:
     """A named pair objective: its loss function, its hyperparameters and whether it needs R."""
@@ -93,7 +132,9 @@ PAPER_DEFAULTS: dict[str, dict[str, float]] = {
 OBJECTIVE_PARAMS: dict[str, dict[str, float]] = {
     name: {k: v for k, v in values.items() if k != "learning_rate"} for name, values in PAPER_DEFAULTS.items()
 }
-_FUNCTIONS = {"redi": redi_loss, "symmetric": symmetric_loss, "dpo": dpo_loss, "simpo": simpo_loss}
+# Objectives outside the paper: TRL's defaults (stage 2's learning rate falls back to REDI's 1e-6, also TRL's).
+OBJECTIVE_PARAMS["orpo"] = {"beta": 0.1}  # beta is ORPO's lambda (TRL's ORPOConfig.beta)
+_FUNCTIONS = {"redi": redi_loss, "symmetric": symmetric_loss, "dpo": dpo_loss, "simpo": simpo_loss, "orpo": orpo_loss}
 PAIR_OBJECTIVES = tuple(_FUNCTIONS)
 
 

@@ -83,7 +83,7 @@ def new_backend(options: dict, args, max_len: int, device: torch.device) -> Torc
     backend = TorchBackend(device.type, seed=0, lora=LoraSpec(rank) if rank else None,
                            **{k: v for k, v in options.items() if k != "lora_rank"})
     backend.adopt(make_model(args.shape, max_len, device), lm_head_chunk=args.lm_head_chunk)
-    backend.start_stage(weight_decay=0.0)
+    backend.init_optimizer(weight_decay=0.0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

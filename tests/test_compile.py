@@ -55,7 +55,7 @@ FALLBACK = textwrap.dedent("""
     for mode in ("false", "true"):
         backend = TorchBackend("cpu", compile=mode, activation_checkpointing="1")
         backend.load(sys.argv[1], lm_head_chunk=7)
-        backend.start_stage(weight_decay=0.0)
+        backend.init_optimizer(weight_decay=0.0)
         for _ in range(2):  # the second step must not warn again
             backend.model.zero_grad(set_to_none=True)
             backend.forward_backward(batch, micro_batch_loss(run, batch))

@@ -220,10 +220,10 @@ def test_reruns_and_worker_processes_give_identical_bytes(tmp_path, monkeypatch)
 
 
 def test_count_lines_skips_blank_lines_like_the_reader():
-    from redi.pairing.decode import count_lines, decode_task
+    from redi.pairing.decode import JsonlBlock, count_lines, decode_task
 
     for block in (b"", b"{}\n", b"{}", b"\n{}\n \n\r\n{}", b"  \n{}\r\n\t\n{}\n", b"{}\n\n\n", b" "):
-        rows = decode_task(("jsonl-block", block, 0, 1, ""), None)
+        rows = decode_task(JsonlBlock(block, 0, 1, ""), None)
         assert count_lines(block)[0] == len(rows), block
 
 

@@ -146,7 +146,7 @@ def test_peft_wraps_the_targets_and_only_adapters_train(tiny_model_dir):
     q = b.model.model.layers[1].self_attn.q_proj
     assert not q.lora_B["default"].weight.any()
     assert np.array_equal(q.lora_A["default"].weight.detach().numpy(), initial_a(3, "model.layers.1.self_attn.q_proj", 32, 4))
-    b.start_stage(weight_decay=0.0)
+    b.init_optimizer(weight_decay=0.0)
     params = [p for g in b.optimizer.param_groups for p in g["params"]]
     assert sum(p.numel() for p in params) == b.num_trainable_parameters() == 2 * 4 * (32 + 32 + 64 + 32)  # layers * r * (in + out)
 
@@ -310,7 +310,7 @@ def test_lora_dropout_acts_in_training_passes_only(tiny_model_dir, name):
     def backend(dropout):
         b = make_backend("cpu" if name == "torch" else "mlx", 0, lora=LoraSpec(rank=4, scale=8.0, dropout=dropout))
         b.load(tiny_model_dir)
-        b.start_stage(weight_decay=0.0)
+        b.init_optimizer(weight_decay=0.0)
         return b
 
     batch, run = _pair_batch(tiny_model_dir), StageRun("pairs", None, [], make_objective("redi"), 0)

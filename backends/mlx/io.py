@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,11 +18,8 @@ from mlx.utils import tree_flatten
 from redi.backend import edit_model_config
 from redi.errors import UserError
 from redi.hub import locate
+from redi.model_dir import copy_tokenizer_files, rope_theta_on_top
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
 # transformers' save_pretrained default; a 7B model in fp32 (28 GB) still fits one file.
 MAX_SHARD_BYTES = 50 * 10**9
 
@@ -44,10 +40,7 @@ def resolve_path(model_path: str) -> Path:
 def config_overrides(config: dict) -> dict:
     """What mlx-lm must be told that transformers 5 writes only inside ``rope_parameters``."""
     rope = config.get("rope_parameters") or {}
-    extra = {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        # Without this mlx-lm silently uses 1e6: log-probs off by up to 2 nats.
-        extra["rope_theta"] = rope["rope_theta"]
+    extra = rope_theta_on_top(config)
     if not config.get("rope_scaling") and rope.get("rope_type", "default") != "default":
         extra["rope_scaling"] = rope
     return extra
@@ -128,9 +121,7 @@ def save_model(model: nn.Module, config: dict, source: Path, out: Path) -> None:
     cfg.pop("quantization", None)
     cfg.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in TOKENIZER_FILES:
-        if (source / name).exists() and not (out / name).exists():
-            shutil.copy2(source / name, out / name)
+    copy_tokenizer_files(source, out)
 
 
 def read_weights(folder: Path) -> dict[str, mx.array]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,11 @@ from redi.backends.torch_cuda.generate import generate as generate_rows
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
-from redi.backend import MicroBatch, edit_model_config
-from redi.config import checkpointing_mode, compile_mode
+from redi.backend import MicroBatch, apply_options, edit_model_config, no_weight_decay
+from redi.config import check_precision
 from redi.errors import UserError
 from redi.lora import LoraSpec
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
-
+from redi.model_dir import copy_tokenizer_files, rope_theta_on_top
 
 class TorchOps:
     @staticmethod
@@ -55,20 +49,18 @@ class TorchOps:
     def asarray(self, x: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
 
-
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    # HF Trainer's rule, which the authors' runs used: no weight decay on biases and norm weights.
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+    @staticmethod
+    def log1mexp(x: torch.Tensor) -> torch.Tensor:
+        return torch.log(-torch.expm1(x))
 
 
 def write_top_level_rope_theta(model_dir: Path) -> None:
-    """transformers 5 keeps rope_theta only in rope_parameters; mlx-lm reads the top-level key."""
+    """The saved config.json with ``rope_theta`` on top as well (``rope_theta_on_top``: mlx-lm reads it there)."""
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    rope = cfg.get("rope_parameters") or {}
-    if "rope_theta" not in cfg and "rope_theta" in rope:
-        cfg["rope_theta"] = rope["rope_theta"]
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+    extra = rope_theta_on_top(cfg)
+    if extra:
+        cfg_path.write_text(json.dumps({**cfg, **extra}, indent=2))
 
 
 def _edited_config(model_path: str, edits: dict):
@@ -109,25 +101,14 @@ class TorchBackend:
         self.ops = TorchOps(self.device)
         self.seed = seed
         self.options = TorchOptions()
-        self.configure(**options)
-        self.model: Any = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.last_checkpointed_layers = 0
-
-    def configure(self, **options: Any) -> None:
-        """Set ``TorchOptions`` fields; takes effect at the next ``load``."""
-        for key, value in options.items():
-            if not hasattr(self.options, key):
-                raise UserError(f"unknown torch backend option '{key}'")
-            setattr(self.options, key, value)
-        checkpointing_mode(self.options.activation_checkpointing)
-        self.options.compile = compile_mode(self.options.compile)
-        if self.options.optim_state_dtype not in ("fp32", "bf16"):
-            raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
+        apply_options(self.options, options, "torch")
         if self.world_size > 1 and not self.options.packing:
             raise UserError("multi-process training needs packing=true")
         if self.world_size > 1 and self.lora:
             raise UserError("lora_rank is single-process for now (one GPU); run without torchrun")
+        self.model: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_checkpointed_layers = 0
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -138,8 +119,7 @@ class TorchBackend:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        if precision == "bf16" and self.device.type != "cuda":
-            raise UserError("precision bf16 needs --backend cuda; the CPU backend computes in fp32")
+        check_precision(precision, self.name)
         torch.manual_seed(self.seed)
         try:
             # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution.
@@ -239,12 +219,13 @@ class TorchBackend:
             (out / "config.json").write_text(json.dumps(cfg, indent=2))
         if not self.model_path:
             return
-        src = Path(self.model_path)
-        for name in TOKENIZER_FILES:
-            if (src / name).exists() and not (out / name).exists():
-                shutil.copy2(src / name, out / name)
+        copy_tokenizer_files(Path(self.model_path), out)
 
-    def save_state(self, path: str | None) -> None:
+    def save_checkpoint(self, path: str | None) -> None:
+        """The model folder (under LoRA the adapter instead: the base does not change) plus ``optimizer.pt``;
+        collective under multi-process, as ``save_model``."""
+        if not self.lora:
+            self.save_model(path)
         if self.dist.enabled:
             state = full_optimizer_state(self.model, self.optimizer) if self.optimizer else None
             if self.rank == 0 and path is not None:
@@ -255,7 +236,7 @@ class TorchBackend:
             torch_lora.save_adapter(self.model, self.lora, Path(path), self.model_path)
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None}, os.path.join(path, "optimizer.pt"))
 
-    def load_state(self, path: str) -> None:
+    def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
 
         if self.lora:  # a LoRA checkpoint holds the adapter and its optimizer state; the base is unchanged
@@ -284,11 +265,11 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ training
 
-    def start_stage(self, *, weight_decay: float) -> None:
+    def init_optimizer(self, *, weight_decay: float) -> None:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if _no_decay(name, p) else decay).append(p)
+                (no_decay if no_weight_decay(name, p.ndim) else decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = make_adamw(groups, self.device, self.options.optim_state_dtype)
         self.optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from redi.config import checkpointing_mode, fixed_checkpoint_layers
+from redi.layer_checkpointing import planned_checkpoint_layers
 
 GIB = 1 << 30
 
@@ -174,20 +174,14 @@ class MemoryModel:
 def plan(mode: str | int, model_memory: MemoryModel, tokens: int, *, device: torch.device,
          static_bytes: float, workspace_bytes: float) -> int:
     """How many layers to checkpoint for a micro-batch of ``tokens`` tokens."""
-    n = model_memory.layers
-    fixed = fixed_checkpoint_layers(mode, n)
-    if fixed is not None:
-        return fixed
-    value = checkpointing_mode(mode)[1]
-    if device.type != "cuda":
-        return 0  # the CPU path: host memory, no planning
-    total = torch.cuda.get_device_properties(device).total_memory
-    budget = min(total * 0.94, value * GIB) if value else total * 0.94
-    free = budget - static_bytes - workspace_bytes - 1.0 * GIB  # allocator fragmentation, NCCL, cuBLAS
-    for k in range(n + 1):
-        if model_memory.activation_bytes(tokens, k) <= free:
-            return k
-    return n
+    def free(cap_gb: float | None) -> float | None:
+        if device.type != "cuda":
+            return None  # the CPU path: host memory, no planning
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = min(total * 0.94, cap_gb * GIB) if cap_gb else total * 0.94
+        return budget - static_bytes - workspace_bytes - 1.0 * GIB  # allocator fragmentation, NCCL, cuBLAS
+
+    return planned_checkpoint_layers(mode, model_memory.layers, free, lambda k: model_memory.activation_bytes(tokens, k))
 
 
 def static_bytes_estimate(numel: int, world_size: int, state_bytes_per_param: int, *, grads_present: bool,

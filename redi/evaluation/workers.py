@@ -99,7 +99,7 @@ def run_in_workers(item_fn, items: list[tuple], *, workers: int, hard_limit: flo
     results: dict[int, object] = {}
     ctx = multiprocessing.get_context(_start_method())
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["redi.evaluation.grading", "redi.evaluation.rllm_grader", "math_verify"])
+        ctx.set_forkserver_preload(["redi.evaluation.grading", "redi.evaluation.workers", "redi.evaluation.rllm_grader", "math_verify"])
     shared = ctx.RawArray("d", len(items))
     started = np.frombuffer(shared, dtype=np.float64)
     todo = np.ones(len(items), dtype=bool)

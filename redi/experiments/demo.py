@@ -7,9 +7,7 @@ sample, graded), ``plots/*.png``, and ``summary.json`` (the demo's summary; timi
 """
 from __future__ import annotations
 
-import copy
 import importlib.resources
-import inspect
 import json
 import re
 import resource
@@ -22,7 +20,7 @@ from rich.table import Table
 
 from redi.training.api import load_tokenizer, train
 from redi.backend import make_backend
-from redi.config import Config, load_config
+from redi.config import Config, continued_sft_config, load_config
 from redi.experiments.demo_task import check_task
 from redi.errors import UserError
 from redi.evaluation.grading import last_boxed, pass_at_1, sem_paper
@@ -99,12 +97,9 @@ def first_error(trace: str, answer: str) -> tuple[int, bool] | None:
 
 def _generate(backend, prompts: list[list[int]], settings: EvalSettings, temperature: float, seed: int,
               eos_id: int) -> list[list[int]]:
-    kwargs = dict(max_new_tokens=settings.max_new_tokens, temperature=temperature, top_p=settings.top_p,
-                  seed=seed, eos_id=eos_id)
-    # Wide batches make CPU sampling of a tiny model several times faster; not every backend takes the knob.
-    if "batch_size" in inspect.signature(backend.generate).parameters:
-        kwargs["batch_size"] = 512
-    return backend.generate(prompts, **kwargs)
+    # Wide batches make CPU sampling of a tiny model several times faster.
+    return backend.generate(prompts, max_new_tokens=settings.max_new_tokens, temperature=temperature,
+                            top_p=settings.top_p, seed=seed, eos_id=eos_id, batch_size=512)
 
 
 def evaluate_model(model_dir: Path, problems: list[dict], cfg: Config, settings: EvalSettings) -> dict:
@@ -153,18 +148,11 @@ def _write_eval_file(path: Path, problems: list[dict], result: dict) -> None:
 
 
 def control_config(cfg: Config, run_dir: Path, data_dir: Path) -> Config:
-    """Continued SFT on the pairs' chosen traces from the SFT checkpoint, with stage 2's exact settings.
-
-    Same examples, same seed, same batch size, hence the same batches in the same order as REDI (the core's
-    order is a function of seed, step and example count); only the loss differs (no negatives).
-    """
-    control = copy.deepcopy(cfg)
-    control.stage = "sft"
+    """Continued SFT (``continued_sft_config``) from the SFT checkpoint on the demo's pairs."""
+    control = continued_sft_config(cfg)
     control.model = str(run_dir / "sft_final")
-    control.data = str(data_dir / "pairs.jsonl")  # an SFT stage on a pairs file trains on its chosen traces
+    control.data = str(data_dir / "pairs.jsonl")
     control.output = str(run_dir / "control")
-    control.sft = copy.deepcopy(cfg.pairs)
-    control.sft.max_prompt_length = 0
     return control
 
 

@@ -91,11 +91,9 @@ class Decontaminator:
     def __init__(self, files: list[str], ngram_size: int = 8):
         self.ngram_size = ngram_size
         self.files = [str(f) for f in files]
-        self.problems_per_file: dict[str, int] = {}
         self._owner: dict[str, str] = {}
         for path in self.files:
             problems = load_benchmark_problems(path)
-            self.problems_per_file[path] = len(problems)
             for problem in problems:
                 for gram in word_ngrams(problem, ngram_size):
                     self._owner.setdefault(gram, path)
@@ -141,8 +139,8 @@ class LengthMeter:
             raise UserError(f"cannot load tokenizer {tokenizer_path}: {first}") from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"tokenizer {tokenizer_path} has no chat_template; the length filter measures with it")
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        self._encode_batch = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+        rust = getattr(self.tokenizer, "backend_tokenizer", None)  # the tokenizers-library object, when fast
+        self._encode_batch = getattr(rust, "encode_batch_fast", None) or getattr(rust, "encode_batch", None)
 
     def _render(self, conversations: list[list[dict]]) -> list[str]:
         texts = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=False)
