@@ -193,7 +193,10 @@ def test_conversational_data_without_chat_template_is_named(tmp_path, tiny_model
     tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
     tok_cfg.pop("chat_template")
     (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    cfg = _cfg(tmp_path, f"model={model}")  # builtin:tiny data is conversational
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1="}], "chosen": [{"role": "assistant", "content": "2"}],
+                                "rejected": [{"role": "assistant", "content": "3"}]}) + "\n")
+    cfg = _cfg(tmp_path, f"model={model}", f"data={data}")
     with pytest.raises(UserError, match=r"needs a chat template, but the tokenizer at .*model has none"):
         train(cfg, backend=ScriptedBackend(STEADY, STEADY, STEADY))
 
@@ -201,8 +204,10 @@ def test_conversational_data_without_chat_template_is_named(tmp_path, tiny_model
 def test_missing_tokenizer_files_are_named(tmp_path):
     model = tmp_path / "empty-model"
     model.mkdir()
-    cfg = _cfg(tmp_path, f"model={model}")
-    with pytest.raises(UserError, match="empty-model"):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    cfg = _cfg(tmp_path, f"model={model}", f"data={data}")
+    with pytest.raises(UserError, match="cannot load a tokenizer from .*empty-model"):
         train(cfg, backend=ScriptedBackend(STEADY, STEADY, STEADY))
 
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
 from redi.objectives import make_objective
+from redi.training.preflight import check_inputs, model_warnings, no_trace_on_error, stage_line, stage_warnings
 from redi.training.run_folder import check_disk_room, check_writable, config_drift, resume_point
 
 
@@ -70,10 +72,30 @@ def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Gua
     return Guards(collapse, cfg.stop_on_collapse, budget)
 
 
-def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Backend | None = None) -> dict:
-    """Run the configured stages and return the summary (also written to summary.json)."""
+def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Backend | None = None,
+          dry_run: bool = False) -> dict:
+    """Run the configured stages and return the summary (also written to summary.json). ``dry_run``: resolve,
+    load and check both data sets, print the plan, train nothing and leave no run folder behind."""
     validate(cfg)
+    check_inputs(cfg)
     run_dir = Path(cfg.output)
+    drift = config_drift(run_dir, cfg) if resume else []
+    if drift and not force:
+        raise UserError(f"--resume {run_dir}: the config differs from the run's in: {', '.join(drift)} (--force to resume anyway)")
+    if resume and (run_dir / "summary.json").exists() and (run_dir / "final").is_dir():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(f"{run_dir} already finished ({summary['steps']} steps); nothing to do")
+        return {**summary, "already_finished": True}
+    with no_trace_on_error(run_dir):
+        prepared = _prepare(cfg, run_dir, resume, force, backend, dry_run)
+    if dry_run:
+        return prepared
+    return _train_prepared(cfg, run_dir, **prepared)
+
+
+def _prepare(cfg: Config, run_dir: Path, resume: bool, force: bool, backend: Backend | None, dry_run: bool) -> dict:
+    """Everything before the first step; a UserError here leaves no run folder this call created."""
+    existed = run_dir.exists()
     # Multi-process (torchrun): every rank trains; only rank 0 writes files (see _on_main and _save).
     main = _rank(backend) == 0 if backend is not None else os.environ.get("RANK", "0") == "0"
     if main:
@@ -82,9 +104,6 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
     metrics_path = run_dir / "metrics.jsonl"
     state: dict = {}
     if resume:
-        drift = config_drift(run_dir, cfg)
-        if drift and not force:
-            raise UserError(f"--resume {run_dir}: the config differs from the run's in: {', '.join(drift)} (--force to resume anyway)")
         state = resume_point(run_dir, len(stages) == 2)
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
@@ -96,6 +115,18 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
     model_path, data = _on_main(backend, lambda: (materialise_model(cfg.model, run_dir, cfg.seed, cfg.task),
                                                   materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
     encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
+    runs = {stage: _prepare_stage(cfg, stage, model_path, data, encoder) for stage in stages
+            if not _stage_done(stage, state)}  # both data sets are checked before any step
+    if main:
+        model_warnings(cfg, model_path, list(runs))
+        for stage, run in runs.items():
+            print(stage_line(stage, run.report, run.plan(), run.settings))  # type: ignore[attr-defined]
+            stage_warnings(stage, run.report, run.settings)  # type: ignore[attr-defined]
+    if dry_run:
+        print(f"dry run (--max-steps 0): inputs checked, nothing trained{'' if existed else '; no run folder written'}")
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return {"dry_run": True, "stages": stages, "data": {s: r.report for s, r in runs.items()}}  # type: ignore[attr-defined]
     if main:
         dump(cfg, run_dir / "config.yaml")
         if state:
@@ -104,6 +135,18 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
             metrics_path.unlink()
     _on_main(backend, lambda: None)  # a barrier: the other ranks read metrics.jsonl after rank 0 rewrote it
     previous = read_metrics(metrics_path)
+    return {"backend": backend, "stages": stages, "state": state, "runs": runs, "previous": previous,
+            "main": main, "model_path": model_path}
+
+
+def _stage_done(stage: str, state: dict) -> bool:
+    """Stage 1 finished before a resumed run's interruption (stage 2 then starts from sft_final/)."""
+    return stage == "sft" and (bool(state.get("complete")) or state.get("stage") == "pairs")
+
+
+def _train_prepared(cfg: Config, run_dir: Path, *, backend: Backend, stages: list[str], state: dict, runs: dict,
+                    previous: list[dict], main: bool, model_path: str) -> dict:
+    metrics_path = run_dir / "metrics.jsonl"
     writer = MetricsWriter(metrics_path) if main else _NoWriter()
     started = time.time()
     global_step, reports = 0, {}
@@ -118,12 +161,14 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         _save(backend, folder, write)
 
     try:
-        with make_progress() if main else contextlib.nullcontext(None) as progress:
+        with make_progress(cfg.log_every) if main else contextlib.nullcontext(None) as progress:
             for index, stage in enumerate(stages):
-                if stage == "sft" and state.get("complete") or stage == "sft" and state.get("stage") == "pairs":
+                if _stage_done(stage, state):
                     global_step = state["global_step"] if state.get("complete") else global_step
+                    if main:
+                        print(f"resumed after stage sft ({run_dir / 'sft_final'}, global step {state['global_step']})")
                     continue  # stage 1 finished before the interruption; stage 2 starts from sft_final/
-                run = _prepare_stage(cfg, stage, model_path, data, encoder)
+                run = runs[stage]
                 reports[stage] = run.report  # type: ignore[attr-defined]
                 if main:
                     (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
@@ -137,6 +182,9 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
                 if state.get("stage") == stage and not state.get("complete"):
                     backend.load_state(state["checkpoint"])
                     start_step, global_step = state["stage_step"], state["global_step"]
+                    if main:
+                        print(f"resumed from {stage} step {start_step} of {run.plan().total_steps} "
+                              f"(checkpoint {state['checkpoint']})")
                 if run.objective is not None and run.objective.needs_reference:
                     # Computed from the stage's start model, so a resumed run must reuse the cached file.
                     run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,
