@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from redi.backend import OPTION_KEYS
 from redi.config import Config, _leaf_keys
 
-ALL = "all"
-TORCH = "cpu, cuda"
+ALL = "all"  # the core reads it, whatever the backend
 
 _STAGE = {
     "learning_rate": ("peak learning rate (linear warmup, then linear decay to 0)", ALL),
@@ -40,9 +40,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "system_prompt": ("system turn added to conversational (message) rows; string rows ignore it", ALL),
     "precision": ("auto: bf16 autocast over fp32 weights on CUDA, fp32 elsewhere | fp32 | bf16", ALL),
     "lm_head_chunk": ("completion tokens per LM-head chunk (never full tokens x vocab logits)", ALL),
-    "lora_rank": ("> 0: rank-r LoRA adapters on every linear layer, base frozen", "mlx"),
-    "lora_scale": ("mlx-lm's LoRA scale (multiplies the adapter output; not PEFT's alpha)", "mlx"),
-    "lora_dora": ("DoRA instead of LoRA", "mlx"),
+    "lora_rank": ("> 0: rank-r LoRA adapters on every linear layer, base frozen", ALL),
+    "lora_scale": ("mlx-lm's LoRA scale (multiplies the adapter output; not PEFT's alpha)", ALL),
+    "lora_dora": ("DoRA instead of LoRA", ALL),
     "log_every": ("steps between plain progress lines when stdout is not a terminal", ALL),
     "skip_nonfinite": ("tolerate up to N steps with a non-finite loss or gradient (skipped, logged)", ALL),
     "stop_on_collapse": ("stop the run when the collapse alarm fires", ALL),
@@ -50,10 +50,13 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "collapse_drop": ("collapse alarm: nats/token both LogPS must have fallen by", ALL),
     "collapse_ratio": ("collapse alarm: times as far below zero as at the start both LogPS must be", ALL),
     "on_malformed": ("error | skip (skipped rows are counted and listed in data_report.json)", ALL),
-    "packing": ("padding-free rows with a document mask; false: right-padded batches", TORCH),
-    "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)", TORCH),
-    "compile": ("torch.compile the decoder layers (CUDA)", TORCH),
-    "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", TORCH),
+    "report_to": ("trackers fed each step's metrics besides metrics.jsonl: tensorboard, wandb", ALL),
+    "wandb_project": ("wandb project", ALL),
+    "wandb_run_name": ("wandb run name; empty: the output folder's name", ALL),
+    "packing": ("padding-free rows with a document mask; false: right-padded batches", ALL),
+    "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)", ALL),
+    "compile": ("compile the decoder layers (docs/cuda.md, docs/mlx.md)", ALL),
+    "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", ALL),
     **{f"{stage}.{key}": (f"{stage}: {what}", who) for stage in ("sft", "pairs") for key, (what, who) in _STAGE.items()},
     "task": ("free-form section of the built-in demo task (problem generator, evaluation)", "demo"),
 }
@@ -65,12 +68,20 @@ def key_rows(cfg: Config | None = None) -> list[tuple[str, Any, Any, str, str]]:
     missing = sorted(set(defaults) - set(KEY_DOCS))
     if missing:  # a new key must be documented here; the tests catch this before a user does
         raise KeyError(f"config keys without a line in redi/config_docs.py: {', '.join(missing)}")
-    return [(key, values[key], defaults[key], *KEY_DOCS[key]) for key in defaults]
+    return [(key, values[key], defaults[key], KEY_DOCS[key][0], _readers(key, KEY_DOCS[key][1])) for key in defaults]
+
+
+def _readers(key: str, default: str) -> str:
+    """Backend options are read by the backends that list them in redi.backend.OPTION_KEYS; the rest by the core."""
+    readers = [name for name, keys in OPTION_KEYS.items() if key in keys]
+    return ", ".join(readers) if readers else default
 
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"' if value == "" else value
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
     if isinstance(value, dict):
         return "{...}" if value else "{}"
     return str(value).lower() if isinstance(value, bool) else str(value)

@@ -124,7 +124,7 @@ def run_one(name: str, mode: str, options: dict, args, data, max_len: int, devic
     micro_pairs = int(options.pop("micro_pairs", args.micro_pairs))
     backend = TorchBackend(device.type, seed=0, **options)
     backend.adopt(make_model(args.shape, max_len, device), lm_head_chunk=args.lm_head_chunk)
-    backend.start_stage(weight_decay=0.0)
+    backend.init_optimizer(weight_decay=0.0)
     n_params = backend.num_parameters()
     h, _, n_layers, *_ = SHAPES[args.shape]
     run = StageRun(mode, None, [], None if mode == "sft" else make_objective(OBJECTIVES[mode]), 0)
@@ -195,7 +195,7 @@ def longest_pair(args, device: torch.device, options: dict) -> list[dict]:
         try:
             backend = TorchBackend(device.type, seed=0, **options)
             backend.adopt(make_model(args.shape, length, device), lm_head_chunk=args.lm_head_chunk)
-            backend.start_stage(weight_decay=0.0)
+            backend.init_optimizer(weight_decay=0.0)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

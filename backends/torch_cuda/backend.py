@@ -24,8 +24,8 @@ from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_o
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
-from redi.backend import MicroBatch
-from redi.config import checkpointing_mode
+from redi.backend import MicroBatch, apply_options
+from redi.config import check_precision
 from redi.errors import UserError
 
 TOKENIZER_FILES = (
@@ -52,6 +52,10 @@ class TorchOps:
 
     def asarray(self, x: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def log1mexp(x: torch.Tensor) -> torch.Tensor:
+        return torch.log(-torch.expm1(x))
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -98,22 +102,12 @@ class TorchBackend:
         self.ops = TorchOps(self.device)
         self.seed = seed
         self.options = TorchOptions()
-        self.configure(**options)
+        apply_options(self.options, options, "torch")
+        if self.world_size > 1 and not self.options.packing:
+            raise UserError("multi-process training needs packing=true")
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_checkpointed_layers = 0
-
-    def configure(self, **options: Any) -> None:
-        """Set ``TorchOptions`` fields; takes effect at the next ``load``."""
-        for key, value in options.items():
-            if not hasattr(self.options, key):
-                raise UserError(f"unknown torch backend option '{key}'")
-            setattr(self.options, key, value)
-        checkpointing_mode(self.options.activation_checkpointing)
-        if self.options.optim_state_dtype not in ("fp32", "bf16"):
-            raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
-        if self.world_size > 1 and not self.options.packing:
-            raise UserError("multi-process training needs packing=true")
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -123,8 +117,7 @@ class TorchBackend:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        if precision == "bf16" and self.device.type != "cuda":
-            raise UserError("precision bf16 needs --backend cuda; the CPU backend computes in fp32")
+        check_precision(precision, self.name)
         torch.manual_seed(self.seed)
         try:
             # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution.
@@ -213,7 +206,9 @@ class TorchBackend:
             if (src / name).exists() and not (out / name).exists():
                 shutil.copy2(src / name, out / name)
 
-    def save_state(self, path: str | None) -> None:
+    def save_checkpoint(self, path: str | None) -> None:
+        """The model folder plus ``optimizer.pt``; collective under multi-process, as ``save_model``."""
+        self.save_model(path)
         if self.dist.enabled:
             state = full_optimizer_state(self.model, self.optimizer) if self.optimizer else None
             if self.rank == 0 and path is not None:
@@ -222,7 +217,7 @@ class TorchBackend:
             return
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None}, os.path.join(path, "optimizer.pt"))
 
-    def load_state(self, path: str) -> None:
+    def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
 
         state = load_file(os.path.join(path, "model.safetensors"), device="cpu" if self.dist.enabled else str(self.device))
@@ -245,7 +240,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ training
 
-    def start_stage(self, *, weight_decay: float) -> None:
+    def init_optimizer(self, *, weight_decay: float) -> None:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:

@@ -86,3 +86,12 @@ def stage_warnings(stage: str, report: dict, settings) -> None:
         warn(f"{stage}: {suspicious['chosen_equals_rejected']:,} pairs have chosen == rejected (no signal)")
     if suspicious.get("empty_prompt"):
         warn(f"{stage}: {suspicious['empty_prompt']:,} rows have an empty prompt")
+
+
+def finish_dry_run(run_dir: Path, existed: bool, stages: list[str], reports: dict) -> dict:
+    """--max-steps 0: the checks ran and the plan was printed; remove the folder if this run made it."""
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    where = "" if existed else "; no run folder written"
+    print(f"dry run (--max-steps 0): inputs checked, nothing trained{where}")
+    return {"dry_run": True, "stages": stages, "data": reports}
