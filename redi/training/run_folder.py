@@ -72,6 +72,8 @@ def resume_point(run_dir: Path, two_stages: bool) -> dict:
 
 def stopped_note(run_dir: Path) -> str:
     """Where an interrupted run stopped and what `--resume` will pick up, in one line."""
+    if not run_dir.is_dir():
+        return f"stopped before training started; nothing was written to {run_dir}"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     last = json.loads(lines[-1]) if lines else None
     where = f"after {last['stage']} step {last['step']} (global step {last['global_step']})" if last else "before the first step"
