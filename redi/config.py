@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -165,8 +166,16 @@ def _set(cfg: Config, key: str, raw: Any, where: str) -> None:
     setattr(target, parts[-1], _coerce(key, raw, hint, where))
 
 
+# Keys of earlier versions that no longer do anything: a run folder's saved config.yaml may still hold them.
+RETIRED_KEYS = {"collapse_growth": "the collapse alarm no longer reads the update norm",
+                "collapse_severe_drop": "the collapse alarm has one rule now"}
+
+
 def apply_mapping(cfg: Config, mapping: dict, where: str) -> Config:
     for key, value in mapping.items():
+        if key in RETIRED_KEYS:
+            print(f"warning: {where}: key '{key}' is ignored ({RETIRED_KEYS[key]})", file=sys.stderr)
+            continue
         _set(cfg, str(key), value, where)
     return cfg
 
@@ -211,8 +220,6 @@ def validate(cfg: Config) -> Config:
     if cfg.on_malformed not in ("error", "skip"):
         raise UserError(f"config key 'on_malformed' must be error or skip, got '{cfg.on_malformed}'")
     if not 0.0 <= cfg.alpha <= 1.0:
-        import sys
-
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
     check_memory_options(cfg.activation_checkpointing, cfg.optim_state_dtype)
     if cfg.collapse_window < 1:

@@ -251,3 +251,16 @@ def test_collapse_decisions_do_not_hang_on_the_defaults(window, drop, ratio):
         detector = CollapseDetector(window, drop, ratio, ignore_before=10)
         fired = any([detector.update(r) for r in map(json.loads, path.read_text().splitlines())])
         assert fired == fires, name
+
+
+def test_a_run_folder_from_before_the_new_collapse_rule_still_loads_and_resumes(tmp_path, capsys):
+    from redi.training.run_folder import config_drift
+
+    old = FIXTURES / "missed-collapse" / "symmetric-high" / "config.yaml"  # has collapse_growth, collapse_severe_drop
+    cfg = load_config(old)
+    assert "key 'collapse_growth' is ignored" in capsys.readouterr().err
+    assert (cfg.collapse_window, cfg.collapse_ratio) == (20, Config().collapse_ratio)  # as saved; the new key defaults
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(old.read_text())
+    assert config_drift(run, cfg) == []

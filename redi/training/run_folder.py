@@ -13,7 +13,9 @@ from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
 RESUME_FREE_KEYS = {"output", "backend", "save_every", "keep_last", "log_every", "stop_on_collapse", "skip_nonfinite",
-                    "report_to", "wandb_project", "wandb_run_name"}
+                    "report_to", "wandb_project", "wandb_run_name",
+                    # the collapse alarm only flags steps (it stops a run only with stop_on_collapse)
+                    "collapse_window", "collapse_drop", "collapse_ratio", "collapse_growth", "collapse_severe_drop"}
 
 
 def check_writable(run_dir: Path) -> None:
