@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
 
         Unset flags keep the recipe's value; `redi config show` lists every key with its default."""
         from redi.training.api import train as run_train
+        from redi.training.preflight import check_model_has_data
 
         if resume is not None:
             if not (resume / "config.yaml").exists():
@@ -78,6 +79,7 @@ def register(app: typer.Typer) -> None:
         demo = config is None and model is None and data is None and resume is None and stage is None
         cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
                            save_every, overrides)
+        check_model_has_data(cfg, model, data)
         if objective is not None and cfg.stage == "sft":
             print(f"warning: --objective {objective} is ignored with --stage sft (stage 1 is plain SFT)", file=sys.stderr)
         if max_steps is not None and max_steps < 0:

@@ -40,12 +40,16 @@ def no_trace_on_error(run_dir: Path) -> Iterator[None]:
 
 
 def check_inputs(cfg: Config) -> None:
-    """The model must exist; a user model with the built-in toy data is a mistake: that data only fits the
-    built-in models."""
+    """The model must exist before anything is built or written."""
     if not cfg.model.startswith(PREFIX):
         locate(cfg.model, "model", "model path")
-    if not cfg.model.startswith(PREFIX) and cfg.data.startswith(PREFIX):
-        raise UserError(f"--model {cfg.model} needs --data (a jsonl/parquet file, a folder or a hub name); "
+
+
+def check_model_has_data(cfg: Config, model_flag: str | None, data_flag: str | None) -> None:
+    """`--model X` without `--data` used to train on the built-in toy set, which only fits the built-in
+    models (a test model built with redi.tiny may still use it through the Python API or a recipe)."""
+    if model_flag is not None and data_flag is None and cfg.data.startswith(PREFIX) and not model_flag.startswith(PREFIX):
+        raise UserError(f"--model {model_flag} needs --data (a jsonl/parquet file, a folder or a hub name); "
                         f"the built-in data '{cfg.data}' only fits the built-in models")
 
 
