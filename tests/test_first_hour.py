@@ -17,9 +17,9 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def redi(*args, timeout=300, env=None):
+def redi(*args, timeout=300, env=None, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "redi", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**ENV, **(env or {})})
+                          env={**ENV, **(env or {})}, cwd=cwd)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -137,10 +137,21 @@ def test_tokenizer_that_covers_nothing_stops_with_one_line(tmp_path):
 # ----------------------------------------------------------------------------- 8: missing paths fail at once
 
 
-def _timed(*args, env=None):
+def _timed(*args, env=None, cwd=None):
     t0 = time.perf_counter()
-    result = redi(*args, env=env)
+    result = redi(*args, env=env, cwd=cwd)
     return time.perf_counter() - t0, result
+
+
+def test_looks_local(tmp_path, monkeypatch):
+    from redi.hub import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    hub = ["Qwen/Qwen2.5-Math-1.5B", "open-r1/OpenR1-Math-220k", "runs/sftt"]
+    local = ["./m", "/abs/m", "~/m", "a/b/c", "model", "bad/x.jsonl", "data/train.parquet"]
+    assert [looks_local(s) for s in hub] == [False] * 3 and all(looks_local(s) for s in local)
+    (tmp_path / "runs").mkdir()
+    assert looks_local("runs/sftt")  # its first part is a local folder
 
 
 def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
@@ -157,7 +168,8 @@ def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
     ]
     for i, (args, expected, env) in enumerate(cases):
         out = tmp_path / f"out{i}"
-        seconds, result = _timed(*args, "--output", str(out), env=env)
+        # In an empty folder: `runs/sftt` is hub-shaped only while no local `runs/` exists.
+        seconds, result = _timed(*args, "--output", str(out), env=env, cwd=tmp_path)
         line = one_line(*result)
         assert expected in line and "not" in line, line
         assert seconds < 25, (args, seconds)  # process start and imports; the hub retries took 30-50 s
