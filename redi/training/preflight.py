@@ -48,6 +48,7 @@ def check_inputs(cfg: Config) -> None:
 def check_model_has_data(cfg: Config, model_flag: str | None, data_flag: str | None) -> None:
     """`--model X` without `--data` used to train on the built-in toy set, which only fits the built-in
     models (a test model built with redi.tiny may still use it through the Python API or a recipe)."""
+    check_inputs(cfg)  # a missing model is the first thing to name
     if model_flag is not None and data_flag is None and cfg.data.startswith(PREFIX) and not model_flag.startswith(PREFIX):
         raise UserError(f"--model {model_flag} needs --data (a jsonl/parquet file, a folder or a hub name); "
                         f"the built-in data '{cfg.data}' only fits the built-in models")
