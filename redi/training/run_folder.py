@@ -13,7 +13,9 @@ from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
 RESUME_FREE_KEYS = {"output", "backend", "save_every", "keep_last", "log_every", "stop_on_collapse", "skip_nonfinite",
-                    "report_to", "wandb_project", "wandb_run_name"}
+                    "report_to", "wandb_project", "wandb_run_name",
+                    # the collapse alarm only flags steps (it stops a run only with stop_on_collapse)
+                    "collapse_window", "collapse_drop", "collapse_ratio", "collapse_growth", "collapse_severe_drop"}
 
 
 def check_writable(run_dir: Path) -> None:
@@ -81,6 +83,8 @@ def resume_point(run_dir: Path, two_stages: bool) -> dict:
 
 def stopped_note(run_dir: Path) -> str:
     """Where an interrupted run stopped and what `--resume` will pick up, in one line."""
+    if not run_dir.is_dir():
+        return f"stopped before training started; nothing was written to {run_dir}"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     last = json.loads(lines[-1]) if lines else None
     where = f"after {last['stage']} step {last['step']} (global step {last['global_step']})" if last else "before the first step"
