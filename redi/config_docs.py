@@ -52,7 +52,8 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "on_malformed": ("error | skip (skipped rows are counted and listed in data_report.json)", ALL),
     "packing": ("padding-free rows with a document mask; false: right-padded batches", TORCH),
     "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)", TORCH),
-    "compile": ("torch.compile the decoder layers (CUDA)", TORCH),
+    "compile": ("false / true (torch.compile the decoder layers; mlx: mx.compile) / auto (CUDA only); "
+                "eager, with one warning line, if compiling fails", ALL),
     "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", TORCH),
     **{f"{stage}.{key}": (f"{stage}: {what}", who) for stage in ("sft", "pairs") for key, (what, who) in _STAGE.items()},
     "task": ("free-form section of the built-in demo task (problem generator, evaluation)", "demo"),

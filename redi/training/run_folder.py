@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from redi.training import checkpoint as ckpt
-from redi.config import Config, resolved_dict
+from redi.config import Config, load_config, resolved_dict, validate
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
@@ -56,7 +56,10 @@ def config_drift(run_dir: Path, cfg: Config) -> list[str]:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    try:  # resolved like the run's own config, so a folder written before resolution (beta: 0.0) compares equal
+        saved = flatten(resolved_dict(validate(load_config(saved_path))))
+    except UserError:  # keys this version does not know: compare the file as written
+        saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
     now = flatten(resolved_dict(cfg))
     return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
