@@ -135,7 +135,7 @@ fi
 # ---------------------------------------------------------------- redi data generate (issue 19)
 # Not yet run on a GPU. Native engine (vLLM is not on the GPU image), a random Qwen2.5-1.5B shape, 64 problems
 # x 4 samples x 1,024 new tokens, all 256 rows at once: traces/s and tokens/s for the README's generate section.
-if [[ " ${PHASES[*]} " == *" generate "* ]]; then  # on demand: all four phases above fill a lease
+if [[ " ${PHASES[*]} " == *" generate "* ]]; then  # on demand: the default phases above fill a lease
     GEN="--shape qwen2.5-1.5b --backend cuda --problems 64 --samples 4 --max-new-tokens 1024 --batch-size 256"
     [ -n "$SMOKE" ] && GEN="--shape tiny --backend cpu --problems 8 --samples 2 --max-new-tokens 16"
     log "bench generate"
