@@ -71,7 +71,6 @@ def train(
 
     Unset flags keep the recipe's value; `redi config show` lists every key with its default."""
     from redi.training.api import train as run_train
-    from redi.training.preflight import check_model_has_data
 
     if resume is not None:
         if not (resume / "config.yaml").exists():
@@ -82,11 +81,7 @@ def train(
     demo = config is None and model is None and data is None and resume is None and stage is None
     cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
                        save_every, overrides)
-    check_model_has_data(cfg, model, data)
-    if objective is not None and cfg.stage == "sft":
-        print(f"warning: --objective {objective} is ignored with --stage sft (stage 1 is plain SFT)", file=sys.stderr)
-    if max_steps is not None and max_steps < 0:
-        raise UserError(f"--max-steps must be 0 (a dry run) or more, got {max_steps}")
+    _check_flags(cfg, model, data, objective, max_steps)
     if keep_last is not None:
         cfg.keep_last = keep_last
     if skip_nonfinite is not None:
@@ -111,6 +106,17 @@ def train(
     if summary.get("dry_run") or summary.get("already_finished"):
         return
     typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")
+
+
+def _check_flags(cfg, model, data, objective, max_steps) -> None:
+    """Flag combinations that would waste a run: a user model without data, an ignored objective, negative steps."""
+    from redi.training.preflight import check_model_has_data
+
+    check_model_has_data(cfg, model, data)
+    if objective is not None and cfg.stage == "sft":
+        print(f"warning: --objective {objective} is ignored with --stage sft (stage 1 is plain SFT)", file=sys.stderr)
+    if max_steps is not None and max_steps < 0:
+        raise UserError(f"--max-steps must be 0 (a dry run) or more, got {max_steps}")
 
 
 def _print_resolved(cfg) -> None:
