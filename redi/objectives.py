@@ -14,6 +14,7 @@ equal weight (not a token-level mean over the batch).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -64,6 +65,22 @@ class PairStats:
     rejected_lengths: Any  # L_l
     ref_chosen_logps: Any = None  # R_w
     ref_rejected_logps: Any = None  # R_l
+
+    @classmethod
+    def from_halves(cls, logps: Any, lengths: Any, ref_logps: Any = None) -> "PairStats":
+        """Per-sequence arrays laid out as a pair batch is (``MicroBatch``): every chosen sequence, then every
+        rejected one. The one place that layout is read."""
+        n = len(logps) // 2
+        ref_w, ref_l = (None, None) if ref_logps is None else (ref_logps[:n], ref_logps[n:])
+        return cls(logps[:n], lengths[:n], logps[n:], lengths[n:], ref_w, ref_l)
+
+    @classmethod
+    def concatenate(cls, parts: list["PairStats"]) -> "PairStats":
+        """One step's statistics from its micro-batches' (numpy arrays)."""
+        import numpy as np
+
+        fields = [[getattr(p, f.name) for p in parts] for f in dataclasses.fields(cls)]
+        return cls(*(None if any(x is None for x in arrays) else np.concatenate(arrays) for arrays in fields))
 
 
 def sft_loss(ops: ArrayOps, logps: Any, lengths: Any) -> Any:

@@ -105,3 +105,16 @@ def test_torch_ops_match_numpy():
     for name in ("redi", "symmetric", "dpo", "simpo", "orpo"):
         obj = make_objective(name, beta=0.7) if name in ("dpo", "simpo") else make_objective(name)
         assert float(obj(ops, t)[0]) == pytest.approx(float(obj(np_ops, n)[0]), abs=1e-12)
+
+
+def test_pair_stats_read_the_chosen_then_rejected_layout_once():
+    # A micro-batch of 2 pairs: S and L of chosen 0, chosen 1, rejected 0, rejected 1; R likewise.
+    s = PairStats.from_halves(np.array([-1.0, -2.0, -3.0, -4.0]), np.array([1.0, 2.0, 3.0, 4.0]),
+                              np.array([-5.0, -6.0, -7.0, -8.0]))
+    assert s.chosen_logps.tolist() == [-1.0, -2.0] and s.rejected_lengths.tolist() == [3.0, 4.0]
+    assert s.ref_chosen_logps.tolist() == [-5.0, -6.0] and s.ref_rejected_logps.tolist() == [-7.0, -8.0]
+    # A step of two micro-batches: every chosen first, in micro-batch order; no reference stays None.
+    step = PairStats.concatenate([PairStats.from_halves(np.array([-1.0, -3.0]), np.array([1.0, 3.0])),
+                                  PairStats.from_halves(np.array([-2.0, -4.0]), np.array([2.0, 4.0]))])
+    assert step.chosen_logps.tolist() == [-1.0, -2.0] and step.rejected_logps.tolist() == [-3.0, -4.0]
+    assert step.ref_chosen_logps is None

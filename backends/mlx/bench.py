@@ -62,8 +62,7 @@ def main() -> None:
     objective = make_objective("redi")
 
     def loss(ops, s, lengths):
-        n = args.pairs
-        return objective(ops, PairStats(s[:n], lengths[:n], s[n:], lengths[n:]))[0]
+        return objective(ops, PairStats.from_halves(s, lengths))[0]
 
     backends = {}
     for name in args.only.split(","):

@@ -17,6 +17,11 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """A folder's entries (a rename into it, a new file) made durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,11 +50,7 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(old)
     else:
         tmp.rename(target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(target.parent)
     return target
 
 

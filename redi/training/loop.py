@@ -49,13 +49,10 @@ def micro_batch_loss(run: StageRun, batch: MicroBatch) -> Callable:
     """The loss the backend differentiates for one micro-batch, weighted by its share of the step."""
     if run.objective is None:
         return lambda ops, logps, lengths: sft_loss(ops, logps, lengths) * batch.weight
-    n, objective = batch.n_pairs, run.objective
+    objective, ref = run.objective, batch.ref_logps
 
     def loss(ops, logps, lengths):
-        ref_w = ref_l = None
-        if batch.ref_logps is not None:
-            ref_w, ref_l = ops.asarray(batch.ref_logps[:n]), ops.asarray(batch.ref_logps[n:])
-        stats = PairStats(logps[:n], lengths[:n], logps[n:], lengths[n:], ref_w, ref_l)
+        stats = PairStats.from_halves(logps, lengths, None if ref is None else ops.asarray(ref))
         return objective(ops, stats)[0] * batch.weight
 
     return loss
@@ -73,8 +70,8 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_b
     for start in range(0, len(examples), micro_batch_size):
         idx = np.arange(start, min(start + micro_batch_size, len(examples)))
         batch = MicroBatch([examples[i].chosen for i in idx] + [examples[i].rejected for i in idx], len(idx), 1.0, idx)
-        logps, _ = backend.sequence_logps(batch)
-        ref[idx, 0], ref[idx, 1] = logps[:len(idx)], logps[len(idx):]
+        stats = PairStats.from_halves(*backend.sequence_logps(batch))
+        ref[idx, 0], ref[idx, 1] = stats.chosen_logps, stats.rejected_logps
         if progress:
             progress.advance(task, len(idx))
     if backend.rank == 0:  # every rank computed the same values; one writes them
@@ -149,18 +146,10 @@ def _accumulate(run: StageRun, backend: Backend, batches: list[MicroBatch]) -> l
 
 def _step_record(run: StageRun, results: list[_Result]) -> dict:
     """The step's loss and log-prob metrics from all its micro-batches."""
-    all_logps, all_lengths = [r.logps for r in results], [r.lengths for r in results]
     if run.objective is None:
-        return sft_step_metrics(np.concatenate(all_logps), np.concatenate(all_lengths))
-    # Re-interleave micro-batches so the first half holds every chosen sequence of the step.
-    halves = [np.split(x, 2) for x in all_logps], [np.split(x, 2) for x in all_lengths]
-    logps = np.concatenate([h[0] for h in halves[0]] + [h[1] for h in halves[0]])
-    lengths = np.concatenate([h[0] for h in halves[1]] + [h[1] for h in halves[1]])
-    all_refs = [r.ref_logps for r in results if r.ref_logps is not None]
-    refs = None
-    if all_refs:
-        refs = np.concatenate([np.split(r, 2)[0] for r in all_refs] + [np.split(r, 2)[1] for r in all_refs])
-    return pair_step_metrics(run.objective, logps, lengths, refs)
+        return sft_step_metrics(np.concatenate([r.logps for r in results]), np.concatenate([r.lengths for r in results]))
+    stats = PairStats.concatenate([PairStats.from_halves(r.logps, r.lengths, r.ref_logps) for r in results])
+    return pair_step_metrics(run.objective, stats)
 
 
 def _apply_guards(guards: Guards, record: dict, skipped: bool) -> bool:

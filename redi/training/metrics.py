@@ -10,28 +10,23 @@ import numpy as np
 from redi.objectives import NumpyOps, Objective, PairStats, sft_loss
 
 
-def pair_step_metrics(objective: Objective, logps: np.ndarray, lengths: np.ndarray,
-                      ref: np.ndarray | None) -> dict[str, float]:
-    """Metrics of one optimizer step from all its sequences: chosen half first, rejected half second."""
-    n = len(logps) // 2
-    stats = PairStats(
-        logps[:n], lengths[:n], logps[n:], lengths[n:],
-        None if ref is None else ref[:n], None if ref is None else ref[n:],
-    )
+def pair_step_metrics(objective: Objective, stats: PairStats) -> dict[str, float]:
+    """Metrics of one optimizer step from the statistics of all its pairs."""
     loss, r_chosen, r_rejected = objective(NumpyOps, stats)
-    chosen_norm, rejected_norm = logps[:n] / lengths[:n], logps[n:] / lengths[n:]
+    chosen_norm = stats.chosen_logps / stats.chosen_lengths
+    rejected_norm = stats.rejected_logps / stats.rejected_lengths
     return {
         "loss": float(loss),
-        "logps/chosen": float(np.mean(logps[:n])),
-        "logps/rejected": float(np.mean(logps[n:])),
+        "logps/chosen": float(np.mean(stats.chosen_logps)),
+        "logps/rejected": float(np.mean(stats.rejected_logps)),
         "logps/chosen_normalized": float(np.mean(chosen_norm)),
         "logps/rejected_normalized": float(np.mean(rejected_norm)),
         "rewards/chosen": float(np.mean(r_chosen)),
         "rewards/rejected": float(np.mean(r_rejected)),
         "rewards/accuracies": float(np.mean(r_chosen > r_rejected)),
         "rewards/margins": float(np.mean(r_chosen - r_rejected)),
-        "lengths/chosen": float(np.mean(lengths[:n])),
-        "lengths/rejected": float(np.mean(lengths[n:])),
+        "lengths/chosen": float(np.mean(stats.chosen_lengths)),
+        "lengths/rejected": float(np.mean(stats.rejected_lengths)),
     }
 
 
