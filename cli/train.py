@@ -8,6 +8,7 @@ import typer
 
 from redi.config import Config, apply_overrides, load_config
 from redi.errors import UserError
+from redi.objectives import PAIR_OBJECTIVES
 
 
 def default_recipe() -> Path:
@@ -47,7 +48,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe (see configs/)."),
         backend: Optional[str] = typer.Option(None, "--backend", help="cpu | cuda | mlx (default: cuda if available, mlx on Apple silicon, else cpu)."),
         stage: Optional[str] = typer.Option(None, "--stage", help="sft | pairs | both (default both)."),
-        objective: Optional[str] = typer.Option(None, "--objective", help="redi | symmetric | dpo | simpo."),
+        objective: Optional[str] = typer.Option(None, "--objective", help=" | ".join(PAIR_OBJECTIVES) + "."),
         model: Optional[str] = typer.Option(None, "--model", help="HF model directory or hub name."),
         data: Optional[str] = typer.Option(None, "--data", help="jsonl/parquet file, save_to_disk folder, hub name, or a `redi data pair` folder."),
         output: Optional[str] = typer.Option(None, "--output", help="Run folder."),

@@ -6,6 +6,7 @@ step, saves, and generates. Everything else (data, order, schedule, objectives, 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import platform
@@ -15,9 +16,10 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from redi.config import check_memory_options
 from redi.data import TokenizedSeq
 from redi.errors import UserError
-from redi.lora import LoraSpec
+from redi.objectives import ArrayOps
 
 @dataclass
 class MicroBatch:
@@ -55,20 +57,71 @@ LossFn = Callable[[Any, Any, Any], Any]
 
 
 class Backend(Protocol):
-    name: str
-    ops: Any
+    """Everything the core calls on a backend; a new backend implements exactly this (tests/test_backend_contract.py
+    checks the torch and MLX backends against it). Options (the keys in ``OPTION_KEYS``) reach a backend once, as
+    keyword arguments of its constructor, through ``make_backend``."""
 
-    def load(self, model_path: str, *, precision: str, lm_head_chunk: int) -> None: ...
-    def start_stage(self, *, weight_decay: float) -> None: ...
-    def forward_backward(self, batch: MicroBatch, loss_fn: LossFn) -> tuple[np.ndarray, np.ndarray]: ...
-    def sequence_logps(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]: ...
-    def optimizer_step(self, lr: float, max_grad_norm: float) -> dict[str, float]: ...
-    def save_model(self, path: str) -> None: ...
-    def save_state(self, path: str) -> None: ...
-    def load_state(self, path: str) -> None: ...
+    name: str  # "cpu", "cuda", "mlx"
+    ops: ArrayOps  # the objectives' array functions on this backend's arrays
+    rank: int  # this process's rank; 0 without multi-process training. Only rank 0 writes files.
+    world_size: int  # number of training processes; 1 without multi-process training
+
+    def load(self, model_path: str, *, precision: str, lm_head_chunk: int) -> None:
+        """Load an HF model folder as fp32 master weights; drops any optimizer."""
+
+    def init_optimizer(self, *, weight_decay: float) -> None:
+        """A fresh AdamW over the trainable weights (stage start), gradients zeroed."""
+
+    def forward_backward(self, batch: MicroBatch, loss_fn: LossFn) -> tuple[np.ndarray, np.ndarray]:
+        """Accumulate the gradient of ``loss_fn(ops, S, L)``; return S and L as numpy arrays."""
+
+    def sequence_logps(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]:
+        """S and L without gradients."""
+
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> dict[str, float]:
+        """Clip, step, zero the gradients: ``grad_norm``, ``update_norm`` and ``skipped`` (non-finite gradient)."""
+
+    def save_model(self, path: str | None) -> None:
+        """Write an HF model folder. Collective under multi-process: every rank calls it, ranks other than 0
+        with ``path=None``, and only rank 0 writes."""
+
+    def save_checkpoint(self, path: str | None) -> None:
+        """``save_model`` plus the optimizer state (under LoRA the adapters instead of the model): everything
+        ``load_checkpoint`` reads back.
+        Collective like ``save_model``."""
+
+    def load_checkpoint(self, path: str) -> None:
+        """Weights and optimizer state from a ``save_checkpoint`` folder (after ``load`` and ``init_optimizer``)."""
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (``[obj]`` in one process). Collective."""
+
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int) -> list[list[int]]: ...
-    def num_parameters(self) -> int: ...
+                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
+        """Sampled completions (token ids, through the first ``eos_id``), ``batch_size`` prompts at a time."""
+
+    def num_parameters(self) -> int:
+        """Parameter count of the loaded model."""
+
+    def num_trainable_parameters(self) -> int:
+        """Parameters the optimizer updates: the adapters under LoRA, all of them otherwise."""
+
+
+# The config keys each backend reads (config.py declares them; docs/cuda.md and docs/mlx.md explain them).
+# Every backend reads the speed and memory keys and the LoRA keys (redi/lora.py: PEFT on torch, mlx-lm on MLX).
+SPEED_KEYS = ("packing", "activation_checkpointing", "compile", "optim_state_dtype")
+LORA_KEYS = ("lora_rank", "lora_scale", "lora_dropout", "lora_dora", "lora_targets")
+OPTION_KEYS = {"cpu": SPEED_KEYS + LORA_KEYS, "cuda": SPEED_KEYS + LORA_KEYS, "mlx": SPEED_KEYS + LORA_KEYS}
+
+
+def backend_options(cfg: Any, name: str) -> dict[str, Any]:
+    """The options of backend ``name`` taken from a ``Config``: the one route by which options reach a backend."""
+    name = name or default_backend()
+    if name not in OPTION_KEYS:
+        raise UserError(f"unknown backend '{name}'; valid backends: {', '.join(OPTION_KEYS)}")
+    if cfg.lora_rank and name in ("cpu", "cuda") and importlib.util.find_spec("peft") is None:
+        raise UserError(f"lora_rank on --backend {name} needs PEFT: pip install 'redi[lora]'")
+    return {key: getattr(cfg, key) for key in OPTION_KEYS[name]}
 
 
 def _cuda_available() -> bool:
@@ -91,12 +144,21 @@ def default_backend() -> str:
     return "cpu"
 
 
-def make_backend(name: str, seed: int = 0, lora: LoraSpec | None = None) -> Backend:
-    """``lora``: train LoRA/DoRA adapters over a frozen base (PEFT on torch, mlx-lm's tuner on MLX)."""
+def apply_options(target: Any, options: dict[str, Any], backend: str) -> None:
+    """Set the fields of a backend's options dataclass from its constructor's keyword arguments, refusing keys it
+    does not have; the memory keys are checked as the config checks them."""
+    fields = {f.name for f in dataclasses.fields(target)}
+    for key, value in options.items():
+        if key not in fields:
+            raise UserError(f"unknown {backend} backend option '{key}'")
+        setattr(target, key, value)
+    check_memory_options(target.activation_checkpointing, target.optim_state_dtype)
+
+
+def make_backend(name: str, seed: int = 0, **options: Any) -> Backend:
+    """Backend ``name`` (empty: ``default_backend()``) built with ``options`` (keys of ``OPTION_KEYS[name]``)."""
     name = name or default_backend()
     if name in ("cpu", "cuda"):
-        if lora is not None and importlib.util.find_spec("peft") is None:
-            raise UserError(f"lora_rank on --backend {name} needs PEFT: pip install 'redi[lora]'")
         if importlib.util.find_spec("torch") is None:
             raise UserError(f"--backend {name} needs PyTorch: pip install 'redi[torch]' (or torch==2.13.0 for CPU)")
         if name == "cuda" and not _cuda_available():
@@ -104,7 +166,7 @@ def make_backend(name: str, seed: int = 0, lora: LoraSpec | None = None) -> Back
             raise UserError(f"--backend cuda: no usable CUDA GPU (torch.cuda.is_available() is False); use {alternatives}")
         from redi.backends.torch_cuda.backend import TorchBackend
 
-        return TorchBackend(device=name, seed=seed, lora=lora)
+        return TorchBackend(device=name, seed=seed, **options)
     if name == "mlx":
         if importlib.util.find_spec("mlx") is None:
             raise UserError("--backend mlx needs MLX: pip install 'redi[mlx]'")
@@ -112,25 +174,5 @@ def make_backend(name: str, seed: int = 0, lora: LoraSpec | None = None) -> Back
             from redi.backends.mlx.backend import MLXBackend
         except ModuleNotFoundError as err:
             raise UserError(f"--backend mlx is not available in this build ({err})") from None
-        return MLXBackend(seed=seed, lora=lora)
+        return MLXBackend(seed=seed, **options)
     raise UserError(f"unknown backend '{name}'; valid backends: cpu, cuda, mlx")
-
-
-class NumpyOps:
-    """The objectives' array ops in numpy (float64), for metrics and reference computations."""
-
-    @staticmethod
-    def log_sigmoid(x: Any) -> Any:
-        return -np.logaddexp(0.0, -x)
-
-    @staticmethod
-    def mean(x: Any) -> Any:
-        return np.mean(x)
-
-    @staticmethod
-    def sum(x: Any) -> Any:
-        return np.sum(x)
-
-    @staticmethod
-    def asarray(x: Any) -> Any:
-        return np.asarray(x, dtype=np.float64)

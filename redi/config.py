@@ -72,7 +72,11 @@ class Config:
     collapse_growth: float = 1.15
     collapse_severe_drop: float = 1.0
     on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
-    # Torch backend speed and memory (docs/cuda.md); other backends ignore them.
+    # Trackers fed each step's metrics besides metrics.jsonl: tensorboard (<output>/tensorboard/), wandb.
+    report_to: list[str] = field(default_factory=list)
+    wandb_project: str = "redi"
+    wandb_run_name: str = ""  # empty: the output folder's name
+    # Backend speed and memory (docs/cuda.md, docs/mlx.md); which backend reads which: redi.backend.OPTION_KEYS.
     packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
     activation_checkpointing: str = "auto"  # none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)
     compile: bool = False  # torch.compile the decoder layers (CUDA); FlexAttention is compiled regardless
@@ -120,6 +124,11 @@ def _coerce(key: str, raw: Any, target_type: Any, where: str) -> Any:
             raw = yaml.safe_load(raw)
         except yaml.YAMLError:
             pass
+    if target_type == list[str]:
+        items = raw.split(",") if isinstance(raw, str) else raw  # --set report_to=tensorboard,wandb
+        if isinstance(items, list) and all(isinstance(x, str) for x in items):
+            return [x.strip() for x in items if x.strip()]
+        raise UserError(f"config key '{key}' in {where} must be a list of names, got {raw!r}")
     try:
         if target_type is bool:
             if isinstance(raw, bool):
@@ -204,19 +213,14 @@ def validate(cfg: Config) -> Config:
     if cfg.lora_rank < 0:
         raise UserError(f"config key 'lora_rank' is out of range: {cfg.lora_rank!r}")
     spec_from_config(cfg)  # lora_dora without a rank, lora_dropout out of range
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{cfg.precision}'")
+    check_precision(cfg.precision, cfg.backend)
     if cfg.on_malformed not in ("error", "skip"):
         raise UserError(f"config key 'on_malformed' must be error or skip, got '{cfg.on_malformed}'")
     if not 0.0 <= cfg.alpha <= 1.0:
         import sys
 
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
-    if cfg.precision == "bf16" and cfg.backend == "cpu":
-        raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
-    checkpointing_mode(cfg.activation_checkpointing)
-    if cfg.optim_state_dtype not in ("fp32", "bf16"):
-        raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{cfg.optim_state_dtype}'")
+    check_memory_options(cfg.activation_checkpointing, cfg.optim_state_dtype)
     if cfg.collapse_window < 2:
         raise UserError(f"config key 'collapse_window' must be at least 2, got {cfg.collapse_window}")
     for name in ("sft", "pairs"):
@@ -246,6 +250,21 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_growth") else 0):
             raise UserError(f"config key '{key}' is out of range: {getattr(cfg, key)!r}")
     return cfg
+
+
+def check_precision(precision: str, backend: str) -> None:
+    """``precision`` checked for the config and again by each backend's ``load`` (which may be called directly)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{precision}'")
+    if precision == "bf16" and backend == "cpu":
+        raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
+
+
+def check_memory_options(activation_checkpointing: str, optim_state_dtype: str) -> None:
+    """The memory keys both backends read, checked for the config and by each backend's constructor."""
+    checkpointing_mode(activation_checkpointing)
+    if optim_state_dtype not in ("fp32", "bf16"):
+        raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{optim_state_dtype}'")
 
 
 def checkpointing_mode(mode: str | int) -> tuple[str, float | None]:

@@ -17,11 +17,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+import numpy as np
+
 
 class ArrayOps(Protocol):
+    """The few array functions an objective needs beyond ``+ - * /``; each backend supplies its own."""
+
     def log_sigmoid(self, x: Any) -> Any: ...
     def mean(self, x: Any) -> Any: ...
     def sum(self, x: Any) -> Any: ...
+    def asarray(self, x: Any) -> Any: ...  # a numpy array (e.g. cached reference log-probs) as this module's array
+    def log1mexp(self, x: Any) -> Any: ...  # log(1 - exp(x)) for x < 0, computed stably
+
+
+class NumpyOps:
+    """The objectives' array ops in numpy (float64), for metrics and reference computations."""
+
+    @staticmethod
+    def log_sigmoid(x: Any) -> Any:
+        return -np.logaddexp(0.0, -x)
+
+    @staticmethod
+    def mean(x: Any) -> Any:
+        return np.mean(x)
+
+    @staticmethod
+    def sum(x: Any) -> Any:
+        return np.sum(x)
+
+    @staticmethod
+    def asarray(x: Any) -> Any:
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def log1mexp(x: Any) -> Any:
+        return np.log(-np.expm1(x))
 
 
 @dataclass(frozen=True)
@@ -67,6 +97,15 @@ def simpo_loss(ops: ArrayOps, s: PairStats, *, beta: float = 2.0, gamma: float =
     return ops.mean(-ops.log_sigmoid(chosen - rejected - gamma)), chosen, rejected
 
 
+def orpo_loss(ops: ArrayOps, s: PairStats, *, beta: float = 0.1) -> tuple[Any, Any, Any]:
+    """ORPO (Hong et al. 2024) as TRL's ORPOTrainer: -S_w/L_w - beta * log sigmoid(log odds_w - log odds_l), where
+    log odds = P - log(1 - exp(P)) of the length-normalised log-prob P = S/L; rewards are beta * P."""
+    chosen = s.chosen_logps / s.chosen_lengths
+    rejected = s.rejected_logps / s.rejected_lengths
+    log_odds = (chosen - ops.log1mexp(chosen)) - (rejected - ops.log1mexp(rejected))
+    return ops.mean(-chosen - beta * ops.log_sigmoid(log_odds)), beta * chosen, beta * rejected
+
+
 @dataclass(frozen=True)
 class Objective:
     """A named pair objective: its loss function, its hyperparameters and whether it needs R."""
@@ -86,8 +125,9 @@ OBJECTIVE_PARAMS: dict[str, dict[str, float]] = {
     "symmetric": {},
     "dpo": {"beta": 0.001},
     "simpo": {"beta": 2.0, "gamma": 1.0},
+    "orpo": {"beta": 0.1},  # beta is ORPO's lambda (TRL's ORPOConfig.beta)
 }
-_FUNCTIONS = {"redi": redi_loss, "symmetric": symmetric_loss, "dpo": dpo_loss, "simpo": simpo_loss}
+_FUNCTIONS = {"redi": redi_loss, "symmetric": symmetric_loss, "dpo": dpo_loss, "simpo": simpo_loss, "orpo": orpo_loss}
 # The learning rate the paper pairs with each objective's defaults.
 PAPER_LEARNING_RATES = {"redi": 1e-6, "symmetric": 2e-7, "dpo": 2e-7, "simpo": 5e-7}
 PAIR_OBJECTIVES = tuple(_FUNCTIONS)

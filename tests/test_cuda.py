@@ -124,7 +124,7 @@ def _plain_fp32_grads(model_dir, batch):
 @pytest.mark.parametrize("checkpointing", ["none", "2"])
 def test_one_step_gradient_cosine_bf16(gpu_model_dir, checkpointing):
     backend = _backend(gpu_model_dir, activation_checkpointing=checkpointing)
-    backend.start_stage(weight_decay=0.0)
+    backend.init_optimizer(weight_decay=0.0)
     batch = _batch(backend.model.config.vocab_size)
     run = StageRun("pairs", None, [], make_objective("redi"), 0)
     backend.forward_backward(batch, micro_batch_loss(run, batch))
@@ -158,7 +158,7 @@ def test_compiled_layers_match_eager(gpu_model_dir):
     grads = []
     for compile_layers in (False, True):
         backend = _backend(gpu_model_dir, compile=compile_layers, activation_checkpointing="1")
-        backend.start_stage(weight_decay=0.0)
+        backend.init_optimizer(weight_decay=0.0)
         run = StageRun("pairs", None, [], make_objective("simpo"), 0)
         for seed in range(2):  # a second layout: the compiled graph must serve it too
             b = _batch(backend.model.config.vocab_size, seed=seed)
@@ -178,7 +178,7 @@ def test_long_pair_full_vocab_fits_small(tmp_path):
     save_file(random_qwen2_weights(shape, vocab, 0), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     backend = TorchBackend("cuda")
     backend.load(str(tmp_path))
-    backend.start_stage(weight_decay=0.0)
+    backend.init_optimizer(weight_decay=0.0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     rng = np.random.default_rng(0)
@@ -198,7 +198,7 @@ def test_bf16_moments_and_bucketed_update_norm_on_gpu(gpu_model_dir):
     norms = []
     for state_dtype, bucket_gb in (("fp32", 1e-4), ("fp32", 100.0), ("bf16", 1e-4)):
         backend = _backend(gpu_model_dir, optim_state_dtype=state_dtype, update_bucket_gb=bucket_gb)
-        backend.start_stage(weight_decay=0.01)
+        backend.init_optimizer(weight_decay=0.01)
         batch = _batch(backend.model.config.vocab_size)
         run = StageRun("pairs", None, [], make_objective("redi"), 0)
         backend.forward_backward(batch, micro_batch_loss(run, batch))

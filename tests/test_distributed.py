@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 from redi.training.api import train  # noqa: E402
 from redi.config import apply_overrides, load_config  # noqa: E402
-from redi.training.loop import rank_share  # noqa: E402
+from redi.training.ranks import rank_share  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

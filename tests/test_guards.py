@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from redi.training.api import train
-from redi.backend import NumpyOps
+from redi.objectives import NumpyOps
 from redi.config import Config, apply_overrides, load_config, validate
 from redi.errors import UserError
 from redi.training.guards import CollapseDetector
@@ -22,6 +22,7 @@ class ScriptedBackend:
 
     name = "scripted"
     ops = NumpyOps
+    rank, world_size = 0, 1
 
     def __init__(self, chosen, rejected, update, nan_steps=()):
         self.chosen, self.rejected, self.update = chosen, rejected, update
@@ -30,7 +31,7 @@ class ScriptedBackend:
     def load(self, model_path, *, precision, lm_head_chunk):
         self.model_path = model_path
 
-    def start_stage(self, *, weight_decay):
+    def init_optimizer(self, *, weight_decay):
         self.step = 0
 
     def forward_backward(self, batch, loss_fn):
@@ -56,11 +57,18 @@ class ScriptedBackend:
     def save_model(self, path):
         Path(path, "config.json").write_text("{}")
 
-    def save_state(self, path):
+    def save_checkpoint(self, path):
+        self.save_model(path)
         Path(path, "optimizer.json").write_text(json.dumps({"step": self.step}))
 
-    def load_state(self, path):
+    def load_checkpoint(self, path):
         self.step = json.loads(Path(path, "optimizer.json").read_text())["step"]
+
+    def all_gather_object(self, obj):
+        return [obj]
+
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, eos_id, batch_size=64):
+        return [[eos_id] for _ in prompts]
 
     def num_parameters(self):
         return 1000
@@ -137,7 +145,7 @@ def test_resume_refuses_changed_config_and_names_keys(tmp_path):
     (["sft.micro_batch_size=3"], "multiple of"),
     (["precision=half"], "precision"),
     (["stage=dpo"], "unknown stage 'dpo'"),
-    (["objective=orpo"], "unknown objective 'orpo'"),
+    (["objective=kto"], "unknown objective 'kto'"),
     (["collapse_window=1"], "collapse_window"),
 ])
 def test_config_validation_messages(overrides, message):

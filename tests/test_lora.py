@@ -71,10 +71,10 @@ def _hf_logits(path: Path, ids: np.ndarray = IDS) -> np.ndarray:
 
 
 def _train(out: Path, model: str, stage: str, name: str, kind: str):
-    from redi.backend import make_backend
+    from redi.backend import backend_options, make_backend
 
     cfg = _cfg(out, model, stage, "cpu" if name == "torch" else "mlx", kind)
-    backend = make_backend(cfg.backend, cfg.seed, lora=spec_from_config(cfg))
+    backend = make_backend(cfg.backend, cfg.seed, **backend_options(cfg, cfg.backend))
     train(cfg, backend=backend)
     return backend
 
@@ -137,7 +137,7 @@ def test_config_keys_are_checked():
 
 
 def test_peft_wraps_the_targets_and_only_adapters_train(tiny_model_dir):
-    b = TorchBackend("cpu", seed=3, lora=LoraSpec(rank=4, scale=8.0, targets=("q_proj", "down_proj")))
+    b = TorchBackend("cpu", seed=3, lora_rank=4, lora_scale=8.0, lora_targets="q_proj,down_proj")
     b.load(tiny_model_dir)
     trainable = {n: p for n, p in b.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
@@ -146,7 +146,7 @@ def test_peft_wraps_the_targets_and_only_adapters_train(tiny_model_dir):
     q = b.model.model.layers[1].self_attn.q_proj
     assert not q.lora_B["default"].weight.any()
     assert np.array_equal(q.lora_A["default"].weight.detach().numpy(), initial_a(3, "model.layers.1.self_attn.q_proj", 32, 4))
-    b.start_stage(weight_decay=0.0)
+    b.init_optimizer(weight_decay=0.0)
     params = [p for g in b.optimizer.param_groups for p in g["params"]]
     assert sum(p.numel() for p in params) == b.num_trainable_parameters() == 2 * 4 * (32 + 32 + 64 + 32)  # layers * r * (in + out)
 
@@ -308,9 +308,9 @@ def test_lora_dropout_acts_in_training_passes_only(tiny_model_dir, name):
     from redi.training.loop import StageRun, micro_batch_loss
 
     def backend(dropout):
-        b = make_backend("cpu" if name == "torch" else "mlx", 0, lora=LoraSpec(rank=4, scale=8.0, dropout=dropout))
+        b = make_backend("cpu" if name == "torch" else "mlx", 0, lora_rank=4, lora_scale=8.0, lora_dropout=dropout)
         b.load(tiny_model_dir)
-        b.start_stage(weight_decay=0.0)
+        b.init_optimizer(weight_decay=0.0)
         return b
 
     batch, run = _pair_batch(tiny_model_dir), StageRun("pairs", None, [], make_objective("redi"), 0)
@@ -345,4 +345,4 @@ def test_targets_that_match_nothing_are_refused(tiny_model_dir):
     from redi.errors import UserError
 
     with pytest.raises(UserError, match="lora_targets qproj match no linear layer"):
-        TorchBackend("cpu", lora=LoraSpec(rank=4, targets=("qproj",))).load(tiny_model_dir)
+        TorchBackend("cpu", lora_rank=4, lora_targets="qproj").load(tiny_model_dir)

@@ -134,7 +134,7 @@ def _grads_torch(t: TorchBackend) -> dict[str, np.ndarray]:
     return {n: p.grad.numpy().copy() for n, p in t.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("objective", ["redi", "symmetric", "dpo", "simpo", "sft"])
+@pytest.mark.parametrize("objective", ["redi", "symmetric", "dpo", "simpo", "orpo", "sft"])
 def test_objective_loss_and_gradients_match_torch(backends, pair_batch, objective):
     t, m = backends
     if objective == "sft":
@@ -145,8 +145,8 @@ def test_objective_loss_and_gradients_match_torch(backends, pair_batch, objectiv
         batch.ref_logps = t.sequence_logps(batch)[0] + np.array([-3.0, 1.0, 2.0, 0.5, -1.0, 4.0])
         run = StageRun("pairs", None, [], make_objective(objective), 0)
     loss_fn = micro_batch_loss(run, batch)
-    t.start_stage(weight_decay=0.0)
-    m.start_stage(weight_decay=0.0)
+    t.init_optimizer(weight_decay=0.0)
+    m.init_optimizer(weight_decay=0.0)
     s_t, l_t = t.forward_backward(batch, loss_fn)
     s_m, l_m = m.forward_backward(batch, loss_fn)
     loss_t = float(loss_fn(t.ops, t.ops.asarray(s_t), t.ops.asarray(l_t.astype(float))))
@@ -173,7 +173,7 @@ def test_checkpointing_and_compile_change_nothing(tiny_model_dir, pair_batch):
                    {"activation_checkpointing": "full", "compile": True}):
         m = MLXBackend(**kwargs)
         m.load(tiny_model_dir, lm_head_chunk=4)
-        m.start_stage(weight_decay=0.0)
+        m.init_optimizer(weight_decay=0.0)
         for _ in range(2):  # the second call reuses the compiled graph
             s, _ = m.forward_backward(pair_batch, loss_fn)
         results.append((s, {k: np.array(v) for k, v in m._grads.items()}))
@@ -216,7 +216,7 @@ def test_bf16_optimizer_state_matches_torch(tiny_model_dir, pair_batch):
     losses = []
     for b in (t, m):
         b.load(tiny_model_dir)
-        b.start_stage(weight_decay=0.1)
+        b.init_optimizer(weight_decay=0.1)
         for _ in range(3):
             b.forward_backward(pair_batch, lambda ops, s, n: -ops.mean(s / n))
             b.optimizer_step(1e-3, 1.0)
@@ -228,7 +228,7 @@ def test_bf16_optimizer_state_matches_torch(tiny_model_dir, pair_batch):
 def test_bf16_compute_keeps_fp32_masters(tiny_model_dir, pair_batch, backends):
     m = MLXBackend()
     m.load(tiny_model_dir, precision="bf16")
-    m.start_stage(weight_decay=0.0)
+    m.init_optimizer(weight_decay=0.0)
     s, _ = m.forward_backward(pair_batch, lambda ops, s, n: -ops.sum(s / n))
     np.testing.assert_allclose(s, backends[0].sequence_logps(pair_batch)[0], rtol=2e-2)
     m.optimizer_step(1e-3, 1.0)
@@ -238,7 +238,7 @@ def test_bf16_compute_keeps_fp32_masters(tiny_model_dir, pair_batch, backends):
 def test_nonfinite_gradient_skips_the_step(tiny_model_dir, pair_batch):
     m = MLXBackend()
     m.load(tiny_model_dir)
-    m.start_stage(weight_decay=0.1)
+    m.init_optimizer(weight_decay=0.1)
     before = {k: np.array(v) for k, v in tree_flatten(m.model.parameters())}
     m.forward_backward(pair_batch, lambda ops, s, n: ops.sum(s) * float("nan"))
     update = m.optimizer_step(1e-3, 1.0)
@@ -276,8 +276,10 @@ def runs(tmp_path_factory, tiny_model_dir):
     out = {}
     for stage in ("sft", "pairs"):
         for name in ("torch", "mlx"):
-            backend = TorchBackend("cpu", seed=0) if name == "torch" else MLXBackend(seed=0)
             options = ["activation_checkpointing=full", "compile=true"] if (name, stage) == ("mlx", "pairs") else []
+            # Options reach a backend through its constructor only (make_backend does this from the config).
+            backend = TorchBackend("cpu", seed=0) if name == "torch" else MLXBackend(
+                seed=0, **({"activation_checkpointing": "full", "compile": True} if options else {}))
             cfg = _cfg(root / f"{name}-{stage}", tiny_model_dir, stage, f"backend={'cpu' if name == 'torch' else 'mlx'}",
                        "save_every=2", *options)
             train(cfg, backend=backend)
@@ -401,9 +403,7 @@ def test_sampling_is_seeded(backends):
 @pytest.mark.parametrize("dora", [False, True])
 def test_lora_trains_saves_fused_and_resumes(tmp_path, tiny_model_dir, dora):
     def backend():
-        from redi.lora import LoraSpec
-
-        return MLXBackend(seed=0, lora=LoraSpec(rank=4, scale=8.0, dora=dora))
+        return MLXBackend(seed=0, lora_rank=4, lora_scale=8.0, lora_dora=dora)
 
     cfg = _cfg(tmp_path / "lora", tiny_model_dir, "sft", "backend=mlx", "save_every=2", "sft.max_steps=6")
     first = backend()

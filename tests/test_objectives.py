@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from redi.backend import NumpyOps as np_ops
-from redi.objectives import PairStats, dpo_loss, make_objective, redi_loss, sft_loss, simpo_loss, symmetric_loss
+from redi.objectives import NumpyOps as np_ops
+from redi.objectives import (PairStats, dpo_loss, make_objective, orpo_loss, redi_loss, sft_loss, simpo_loss,
+                             symmetric_loss)
 
 # Two pairs. Chosen: S = -2 over 2 tokens, -6 over 3. Rejected: S = -4 over 4, -3 over 1.
 STATS = PairStats(
@@ -22,6 +23,28 @@ def test_redi_hand_computed():
     assert loss == pytest.approx(-0.1)
     np.testing.assert_allclose(chosen, [-1.0, -2.0])
     np.testing.assert_allclose(rejected, [-1.0, -3.0])
+
+
+def test_orpo_hand_computed():
+    # P = S/L: chosen -1, -2; rejected -1, -3. log odds(P) = P - log(1 - e^P):
+    #   P=-1: -1 - log(0.63212056) = -0.54132485 ; P=-2: -2 - log(0.86466472) = -1.85458655
+    #   P=-3: -3 - log(0.95021293) = -2.94893082
+    # pair 1: 1 + 0.1 * -log sigmoid(0) = 1 + 0.1 * 0.69314718 = 1.06931472
+    # pair 2: 2 + 0.1 * -log sigmoid(1.09434428) = 2 + 0.1 * 0.28875078 = 2.02887508 ; mean 1.54909490
+    loss, chosen, rejected = orpo_loss(np_ops, STATS, beta=0.1)
+    assert loss == pytest.approx(1.54909490, abs=1e-7)
+    np.testing.assert_allclose(chosen, [-0.1, -0.2])
+    np.testing.assert_allclose(rejected, [-0.1, -0.3])
+
+
+def test_orpo_matches_trls_formula():
+    # TRL's ORPOTrainer.odds_ratio_loss on average log-probs, with its policy NLL as the chosen per-token NLL.
+    for cw, cl, rw, rl in [(-3.0, 7.0, -9.0, 4.0), (-0.2, 5.0, -0.1, 2.0)]:
+        pc, pr = cw / cl, rw / rl
+        log_odds = (pc - pr) - (math.log1p(-math.exp(pc)) - math.log1p(-math.exp(pr)))
+        want = -pc - 0.25 * math.log(1 / (1 + math.exp(-log_odds)))
+        s = PairStats(np.array([cw]), np.array([cl]), np.array([rw]), np.array([rl]))
+        assert make_objective("orpo", beta=0.25)(np_ops, s)[0] == pytest.approx(want, rel=1e-12)
 
 
 def test_redi_alpha_zero_is_length_normalised_chosen_nll():
@@ -79,6 +102,6 @@ def test_torch_ops_match_numpy():
                   torch.tensor([-1.0, -7.0], dtype=torch.float64), torch.tensor([-5.0, -2.0], dtype=torch.float64))
     n = PairStats(STATS.chosen_logps, STATS.chosen_lengths, STATS.rejected_logps, STATS.rejected_lengths,
                   np.array([-1.0, -7.0]), np.array([-5.0, -2.0]))
-    for name in ("redi", "symmetric", "dpo", "simpo"):
+    for name in ("redi", "symmetric", "dpo", "simpo", "orpo"):
         obj = make_objective(name, beta=0.7) if name in ("dpo", "simpo") else make_objective(name)
         assert float(obj(ops, t)[0]) == pytest.approx(float(obj(np_ops, n)[0]), abs=1e-12)

@@ -145,7 +145,7 @@ def _plain_redi_grads(model_dir, batch):
 @pytest.mark.parametrize("checkpointing", ["none", "1", "full"])
 def test_one_step_gradient_matches_plain_computation(tiny_model_dir, checkpointing):
     backend = _backend(tiny_model_dir, activation_checkpointing=checkpointing)
-    backend.start_stage(weight_decay=0.0)
+    backend.init_optimizer(weight_decay=0.0)
     batch = _batch(_vocab(backend))
     run = StageRun("pairs", None, [], make_objective("redi", alpha=0.8), 0)
     backend.forward_backward(batch, micro_batch_loss(run, batch))
@@ -287,7 +287,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     seq = lambda: TokenizedSeq(rng.integers(0, V, 16).astype(np.int32), rng.integers(0, V, 8000).astype(np.int32))
     backend = TorchBackend("cpu")
     backend.load(str(out))
-    backend.start_stage(weight_decay=0.0)
+    backend.init_optimizer(weight_decay=0.0)
     batch = MicroBatch([seq(), seq()], 1, 1.0, np.arange(1))
     run = StageRun("pairs", None, [], make_objective("redi"), 0)
     s, n = backend.forward_backward(batch, micro_batch_loss(run, batch))
@@ -346,7 +346,7 @@ def test_compiled_checkpointed_layers_match_eager(tiny_model_dir, monkeypatch):
                 layer._redi_wrapped = False
                 layer.forward = type(layer).forward.__get__(layer)
             layers.install(backend.layers, compile_layers=True)
-        backend.start_stage(weight_decay=0.0)
+        backend.init_optimizer(weight_decay=0.0)
         batch = _batch(_vocab(backend))
         run = StageRun("pairs", None, [], make_objective("redi"), 0)
         backend.forward_backward(batch, micro_batch_loss(run, batch))

@@ -70,7 +70,7 @@ def test_gradients_flow_through_chunked_head(tiny_model_dir, tiny_tokenizer):
     for chunk in (2, 4096):
         backend = TorchBackend("cpu")
         backend.load(tiny_model_dir, lm_head_chunk=chunk)
-        backend.start_stage(weight_decay=0.0)
+        backend.init_optimizer(weight_decay=0.0)
         backend.forward_backward(MicroBatch(seqs, 0, 1.0, np.arange(3)), lambda ops, s, n: -ops.sum(s / n))
         grads.append(torch.cat([p.grad.flatten() for p in backend.model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -19,10 +19,10 @@ from mlx.utils import tree_flatten, tree_map
 from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
-from redi.backend import MicroBatch
-from redi.config import checkpointing_mode
+from redi.backend import MicroBatch, apply_options
+from redi.config import check_precision, checkpointing_mode
 from redi.errors import UserError
-from redi.lora import ADAPTER_DIR, LoraSpec
+from redi.lora import ADAPTER_DIR, pop_lora
 
 # mlx-lm's trainer rounds to 32 too: bounded padding waste and a bounded number of shapes per run.
 PAD_MULTIPLE = 32
@@ -48,10 +48,14 @@ class MLXOps:
     def asarray(x: Any) -> mx.array:
         return mx.array(np.asarray(x, dtype=np.float32))
 
+    @staticmethod
+    def log1mexp(x: mx.array) -> mx.array:
+        return mx.log(-mx.expm1(x))
+
 
 @dataclass
 class MLXOptions:
-    """The speed/memory config keys the core hands every backend (``configure``), read the MLX way."""
+    """The speed/memory config keys (redi.backend.SPEED_KEYS), read the MLX way."""
 
     packing: bool = True  # accepted for the shared config; MLX always runs right-padded, 32-rounded batches
     activation_checkpointing: str = "auto"  # none | full | N | auto | auto:GB (auto plans on Apple GPUs only)
@@ -60,32 +64,22 @@ class MLXOptions:
 
 
 class MLXBackend:
-    def __init__(self, seed: int = 0, *, lora: LoraSpec | None = None, **options: Any):
+    def __init__(self, seed: int = 0, **options: Any):
         self.name = "mlx"
         self.ops = MLXOps()
         self.seed = seed
-        self.lora = lora  # LoRA/DoRA adapters over a frozen base (mlx-lm's tuner; conventions in redi/lora.py)
+        self.lora = pop_lora(options)  # lora_* keys: adapters over a frozen base (mlx-lm's tuner; redi/lora.py)
         self.options = MLXOptions()
-        self.configure(**options)
+        apply_options(self.options, options, "mlx")
+        self.rank, self.world_size = 0, 1  # one process: MLX has no multi-process training here
         self.model: Any = None
         self.optimizer: AdamW | None = None
         self._grads: dict[str, mx.array] | None = None
 
-    def configure(self, **options: Any) -> None:
-        """Set ``MLXOptions`` fields (the core passes its config keys); takes effect at the next ``load``."""
-        for key, value in options.items():
-            if not hasattr(self.options, key):
-                raise UserError(f"unknown mlx backend option '{key}'")
-            setattr(self.options, key, value)
-        checkpointing_mode(self.options.activation_checkpointing)
-        if self.options.optim_state_dtype not in ("fp32", "bf16"):
-            raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
-
     # ------------------------------------------------------------------ loading and saving
 
     def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
-        if precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"precision must be auto, fp32 or bf16, got '{precision}'")
+        check_precision(precision, self.name)
         # auto is fp32 here: MLX has no autocast, and bf16 pays off only on Apple GPUs.
         self.compute_dtype = mx.bfloat16 if precision == "bf16" else mx.float32
         self.lm_head_chunk = lm_head_chunk
@@ -128,20 +122,30 @@ class MLXBackend:
     def num_trainable_parameters(self) -> int:
         return sum(v.size for v in self._trainable().values())
 
-    def save_model(self, path: str) -> None:
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def save_model(self, path: str | None) -> None:
+        if path is None:  # None only reaches ranks other than 0, which a one-process backend never has
+            return
         io.save_model(self.model, self.config, self.source, Path(path))
         if self.lora:  # the adapter beside the merged model
             mlx_lora.save_adapter(self.model, self.lora, Path(path) / ADAPTER_DIR, str(self.source))
 
-    def save_state(self, path: str) -> None:
+    def save_checkpoint(self, path: str | None) -> None:
+        """The model folder (LoRA: the adapter instead) plus the optimizer state: what ``load_checkpoint`` reads."""
+        if path is None:
+            return
         out = Path(path)
         if self.lora:
             mlx_lora.save_adapter(self.model, self.lora, out, str(self.source))
+        else:
+            self.save_model(path)
         if self.optimizer is not None:
             arrays, metadata = self.optimizer.state()
             mx.save_safetensors(str(out / OPTIMIZER_FILE), arrays, metadata=metadata)
 
-    def load_state(self, path: str) -> None:
+    def load_checkpoint(self, path: str) -> None:
         folder = Path(path)
         if self.lora:
             mlx_lora.load_adapter(self.model, folder)  # the base is unchanged; only the adapters resume
@@ -160,7 +164,7 @@ class MLXBackend:
     def _trainable(self) -> dict[str, mx.array]:
         return dict(tree_flatten(self.model.trainable_parameters()))
 
-    def start_stage(self, *, weight_decay: float) -> None:
+    def init_optimizer(self, *, weight_decay: float) -> None:
         state_dtype = mx.bfloat16 if self.options.optim_state_dtype == "bf16" else mx.float32
         self.optimizer = AdamW(self._trainable(), weight_decay, state_dtype=state_dtype)
         self._grads = None

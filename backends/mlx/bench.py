@@ -78,7 +78,7 @@ def main() -> None:
         else:
             backends[name] = MLXBackend(compile=name == "mlx-compile")
         backends[name].load(str(path))
-        backends[name].start_stage(weight_decay=0.0)
+        backends[name].init_optimizer(weight_decay=0.0)
     times: dict[str, list[float]] = {k: [] for k in backends}
     for step in range(args.steps + 1):  # step 0 warms up (and compiles)
         for name, be in backends.items():

@@ -24,10 +24,10 @@ from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_o
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
-from redi.backend import MicroBatch
-from redi.config import checkpointing_mode
+from redi.backend import MicroBatch, apply_options
+from redi.config import check_precision
 from redi.errors import UserError
-from redi.lora import LoraSpec
+from redi.lora import pop_lora
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -53,6 +53,10 @@ class TorchOps:
 
     def asarray(self, x: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def log1mexp(x: torch.Tensor) -> torch.Tensor:
+        return torch.log(-torch.expm1(x))
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -91,32 +95,21 @@ class TorchOptions:
 
 
 class TorchBackend:
-    def __init__(self, device: str = "cpu", seed: int = 0, lora: LoraSpec | None = None, **options: Any):
-        self.name, self.lora = device, lora  # lora: train PEFT adapters over a frozen base (lora.py)
+    def __init__(self, device: str = "cpu", seed: int = 0, **options: Any):
+        self.name = device
+        self.lora = pop_lora(options)  # lora_* keys: PEFT adapters over a frozen base (lora.py)
         self.dist = Dist("cuda" if device == "cuda" else "cpu")
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.device = self.dist.device()
         self.ops = TorchOps(self.device)
         self.seed = seed
         self.options = TorchOptions()
-        self.configure(**options)
+        apply_options(self.options, options, "torch")
+        if self.world_size > 1 and (not self.options.packing or self.lora):
+            raise UserError("multi-process training needs packing=true and no lora_rank (LoRA is single-process)")
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_checkpointed_layers = 0
-
-    def configure(self, **options: Any) -> None:
-        """Set ``TorchOptions`` fields; takes effect at the next ``load``."""
-        for key, value in options.items():
-            if not hasattr(self.options, key):
-                raise UserError(f"unknown torch backend option '{key}'")
-            setattr(self.options, key, value)
-        checkpointing_mode(self.options.activation_checkpointing)
-        if self.options.optim_state_dtype not in ("fp32", "bf16"):
-            raise UserError(f"optim_state_dtype must be fp32 or bf16, got {self.options.optim_state_dtype!r}")
-        if self.world_size > 1 and not self.options.packing:
-            raise UserError("multi-process training needs packing=true")
-        if self.world_size > 1 and self.lora:
-            raise UserError("lora_rank is single-process for now (one GPU); run without torchrun")
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -126,8 +119,7 @@ class TorchBackend:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        if precision == "bf16" and self.device.type != "cuda":
-            raise UserError("precision bf16 needs --backend cuda; the CPU backend computes in fp32")
+        check_precision(precision, self.name)
         torch.manual_seed(self.seed)
         try:
             # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution.
@@ -219,26 +211,24 @@ class TorchBackend:
             if (src / name).exists() and not (out / name).exists():
                 shutil.copy2(src / name, out / name)
 
-    def save_state(self, path: str | None) -> None:
+    def save_checkpoint(self, path: str | None) -> None:
+        """The model folder (LoRA: the adapter) plus ``optimizer.pt``; collective under multi-process."""
+        if self.lora:
+            return torch_lora.save_checkpoint(self.model, self.lora, self.optimizer, Path(path), self.model_path)
+        self.save_model(path)
         if self.dist.enabled:
             state = full_optimizer_state(self.model, self.optimizer) if self.optimizer else None
             if self.rank == 0 and path is not None:
                 torch.save({"optimizer": state, "full": True}, os.path.join(path, "optimizer.pt"))
             self.dist.barrier()
             return
-        if self.lora:
-            torch_lora.save_adapter(self.model, self.lora, Path(path), self.model_path)
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None}, os.path.join(path, "optimizer.pt"))
 
-    def load_state(self, path: str) -> None:
+    def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        if self.lora:  # a LoRA checkpoint holds the adapter and its optimizer state; the base is unchanged
-            torch_lora.load_adapter(self.model, Path(path))
-            opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
-            if opt["optimizer"] is not None and self.optimizer is not None:
-                self.optimizer.load_state_dict(opt["optimizer"])
-            return
+        if self.lora:  # the base is unchanged since load: the adapter and its optimizer state resume
+            return torch_lora.load_checkpoint(self.model, self.optimizer, Path(path), self.device)
         state = load_file(os.path.join(path, "model.safetensors"), device="cpu" if self.dist.enabled else str(self.device))
         opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu" if self.dist.enabled else self.device,
                          weights_only=True)
@@ -259,7 +249,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ training
 
-    def start_stage(self, *, weight_decay: float) -> None:
+    def init_optimizer(self, *, weight_decay: float) -> None:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:

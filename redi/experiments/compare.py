@@ -135,6 +135,8 @@ def arm_config(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str
     cfg = copy.deepcopy(cc.recipe)
     cfg.model, cfg.data, cfg.output, cfg.seed = sft_model, data, str(out), seed
     cfg.save_every, cfg.keep_last = cc.eval_every, 0  # every eval point is a checkpoint, all kept
+    # Each arm is its own tracker run (report_to comes from the recipe or the compare config's overrides).
+    cfg.wandb_run_name = "-".join(x for x in (cc.recipe.wandb_run_name, arm.name, f"seed{seed}") if x)
     if arm.objective == "sft":
         # Continued SFT on the pairs' chosen traces with stage 2's settings: the control for extra training.
         cfg.stage, cfg.sft = "sft", copy.deepcopy(cc.recipe.pairs)

@@ -141,8 +141,8 @@ class LengthMeter:
             raise UserError(f"cannot load tokenizer {tokenizer_path}: {first}") from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"tokenizer {tokenizer_path} has no chat_template; the length filter measures with it")
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        self._encode_batch = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+        rust = getattr(self.tokenizer, "backend_tokenizer", None)  # the tokenizers-library object, when fast
+        self._encode_batch = getattr(rust, "encode_batch_fast", None) or getattr(rust, "encode_batch", None)
 
     def _render(self, conversations: list[list[dict]]) -> list[str]:
         texts = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=False)

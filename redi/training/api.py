@@ -10,19 +10,21 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from redi.training import checkpoint as ckpt
-from redi.backend import Backend, make_backend
+from redi.backend import Backend, backend_options, make_backend
 from redi.builtin import materialise_data, materialise_model
-from redi.config import Config, dump, validate
+from redi.config import Config, dump, to_dict, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
-from redi.lora import spec_from_config
 from redi.training.guards import CollapseDetector, NonFiniteBudget
+from redi.objectives import make_objective
+from redi.training import checkpoint as ckpt
 from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
-from redi.objectives import make_objective
+from redi.training.ranks import NoWriter, on_main, save_on_main
+from redi.training.report_to import MetricsSink, open_sinks
 from redi.training.run_folder import check_disk_room, check_writable, config_drift, resume_point
 
 
@@ -72,12 +74,49 @@ def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Gua
     return Guards(collapse, cfg.stop_on_collapse, budget)
 
 
+@dataclass
+class _Session:
+    """One ``train`` call's inputs, resolved once, and its running totals."""
+
+    cfg: Config
+    run_dir: Path
+    stages: list[str]
+    state: dict  # where a resumed run picks up (run_folder.resume_point); empty for a fresh run
+    backend: Backend
+    model_path: str
+    data: str
+    encoder: Encoder
+    previous: list[dict]  # metrics.jsonl records kept from before a resume
+    writer: MetricsSink
+    global_step: int = 0
+    reports: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.backend.rank == 0
+
+
 def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Backend | None = None) -> dict:
-    """Run the configured stages and return the summary (also written to summary.json)."""
+    """Run the configured stages and return the summary (also written to summary.json). A ``backend`` passed in
+    keeps the options it was built with; otherwise ``make_backend`` builds one with the config's options."""
     validate(cfg)
+    session = _prepare(cfg, resume, force, backend)
+    started = time.time()
+    try:
+        with make_progress() if session.main else contextlib.nullcontext(None) as progress:
+            for index, stage in enumerate(session.stages):
+                _train_stage(session, index, stage, progress)
+        save_on_main(session.backend, session.run_dir / "final", session.backend.save_model)
+    finally:
+        session.writer.close()
+    return _summarise(session, time.time() - started)
+
+
+def _prepare(cfg: Config, resume: bool, force: bool, backend: Backend | None) -> _Session:
+    """Check the run folder, find the resume point, build the backend, materialise the model and data."""
     run_dir = Path(cfg.output)
-    # Multi-process (torchrun): every rank trains; only rank 0 writes files (see _on_main and _save).
-    main = _rank(backend) == 0 if backend is not None else os.environ.get("RANK", "0") == "0"
+    # Multi-process (torchrun): every rank trains; only rank 0 writes files (see ranks.py).
+    main = backend.rank == 0 if backend is not None else os.environ.get("RANK", "0") == "0"
     if main:
         check_writable(run_dir)
     stages = _stages(cfg)
@@ -90,12 +129,9 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         state = resume_point(run_dir, len(stages) == 2)
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
-    backend = backend or make_backend(cfg.backend, cfg.seed, lora=spec_from_config(cfg))
-    if hasattr(backend, "configure"):  # the torch backend's speed/memory keys (docs/cuda.md)
-        backend.configure(packing=cfg.packing, activation_checkpointing=cfg.activation_checkpointing,
-                          compile=cfg.compile, optim_state_dtype=cfg.optim_state_dtype)
-    model_path, data = _on_main(backend, lambda: (materialise_model(cfg.model, run_dir, cfg.seed, cfg.task),
-                                                  materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
+    backend = backend or make_backend(cfg.backend, cfg.seed, **backend_options(cfg, cfg.backend))
+    model_path, data = on_main(backend, lambda: (materialise_model(cfg.model, run_dir, cfg.seed, cfg.task),
+                                                 materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
     encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
     if main:
         dump(cfg, run_dir / "config.yaml")
@@ -103,112 +139,80 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
             truncate_metrics(metrics_path, state["global_step"])
         elif metrics_path.exists():
             metrics_path.unlink()
-    _on_main(backend, lambda: None)  # a barrier: the other ranks read metrics.jsonl after rank 0 rewrote it
+    on_main(backend, lambda: None)  # a barrier: the other ranks read metrics.jsonl after rank 0 rewrote it
     previous = read_metrics(metrics_path)
-    writer = MetricsWriter(metrics_path) if main else _NoWriter()
-    started = time.time()
-    global_step, reports = 0, {}
+    writer = open_sinks(MetricsWriter(metrics_path), run_dir, cfg.report_to, project=cfg.wandb_project,
+                        name=cfg.wandb_run_name, config=to_dict(cfg)) if main else NoWriter()
+    return _Session(cfg, run_dir, stages, state, backend, model_path, data, encoder, previous, writer)
+
+
+def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
+    """Load the stage's start model, restore a checkpoint if resuming into this stage, train, save sft_final/."""
+    cfg, run_dir, state, backend = session.cfg, session.run_dir, session.state, session.backend
+    if stage == "sft" and (state.get("complete") or state.get("stage") == "pairs"):
+        session.global_step = state["global_step"] if state.get("complete") else session.global_step
+        return  # stage 1 finished before the interruption; stage 2 starts from sft_final/
+    run = _prepare_stage(cfg, stage, session.model_path, session.data, session.encoder)
+    session.reports[stage] = run.report  # type: ignore[attr-defined]
+    if session.main:
+        (run_dir / "data_report.json").write_text(json.dumps(session.reports, indent=2))
+    two_stage_second = stage == "pairs" and len(session.stages) == 2
+    backend.load(str(run_dir / "sft_final") if two_stage_second else session.model_path,
+                 precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
+    if index == 0 or two_stage_second:
+        check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0,
+                        trainable=backend.num_trainable_parameters())
+    backend.init_optimizer(weight_decay=run.settings.weight_decay)
+    start_step = 0
+    if state.get("stage") == stage and not state.get("complete"):
+        backend.load_checkpoint(state["checkpoint"])
+        start_step, session.global_step = state["stage_step"], state["global_step"]
+    if run.objective is not None and run.objective.needs_reference:
+        # Computed from the stage's start model, so a resumed run must reuse the cached file.
+        run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,
+                                        run_dir / "reference_logps.npy", progress)
 
     def save_checkpoint(folder: Path, st: dict) -> None:
-        def write(tmp: Path | None) -> None:
-            if not getattr(backend, "lora", None):  # a LoRA checkpoint is its adapter + optimizer (save_state)
-                backend.save_model(str(tmp) if tmp else None)  # collective under multi-process; rank 0 writes
-            backend.save_state(str(tmp) if tmp else None)
+        def write(tmp: str | None) -> None:
+            backend.save_checkpoint(tmp)  # collective under multi-process; rank 0 writes
             if tmp:
-                ckpt.write_state(tmp, st)
+                ckpt.write_state(Path(tmp), st)
 
-        _save(backend, folder, write)
+        save_on_main(backend, folder, write)
 
-    try:
-        with make_progress() if main else contextlib.nullcontext(None) as progress:
-            for index, stage in enumerate(stages):
-                if stage == "sft" and state.get("complete") or stage == "sft" and state.get("stage") == "pairs":
-                    global_step = state["global_step"] if state.get("complete") else global_step
-                    continue  # stage 1 finished before the interruption; stage 2 starts from sft_final/
-                run = _prepare_stage(cfg, stage, model_path, data, encoder)
-                reports[stage] = run.report  # type: ignore[attr-defined]
-                if main:
-                    (run_dir / "data_report.json").write_text(json.dumps(reports, indent=2))
-                two_stage_second = stage == "pairs" and len(stages) == 2
-                backend.load(str(run_dir / "sft_final") if two_stage_second else model_path,
-                             precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
-                if index == 0 or two_stage_second:
-                    check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0,
-                                    trainable=_trainable_parameters(backend))
-                backend.start_stage(weight_decay=run.settings.weight_decay)
-                start_step = 0
-                if state.get("stage") == stage and not state.get("complete"):
-                    backend.load_state(state["checkpoint"])
-                    start_step, global_step = state["stage_step"], state["global_step"]
-                if run.objective is not None and run.objective.needs_reference:
-                    # Computed from the stage's start model, so a resumed run must reuse the cached file.
-                    run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,
-                                                    run_dir / "reference_logps.npy", progress)
-                global_step = run_stage(run, backend, run_dir, writer, global_step=global_step, start_step=start_step,
-                                        save_every=cfg.save_every, keep_last=cfg.keep_last, progress=progress,
-                                        on_checkpoint=save_checkpoint, guards=_guards(cfg, stage, run, previous))
-                if stage == "sft" and len(stages) == 2:
-                    def write_sft(tmp: Path | None, step: int = global_step) -> None:
-                        backend.save_model(str(tmp) if tmp else None)
-                        if tmp:
-                            (tmp / "redi_stage.json").write_text(json.dumps({"global_step": step}))
+    session.global_step = run_stage(run, backend, run_dir, session.writer, global_step=session.global_step,
+                                    start_step=start_step, save_every=cfg.save_every, keep_last=cfg.keep_last,
+                                    progress=progress, on_checkpoint=save_checkpoint,
+                                    guards=_guards(cfg, stage, run, session.previous))
+    if stage == "sft" and len(session.stages) == 2:
+        def write_sft(tmp: str | None, step: int = session.global_step) -> None:
+            backend.save_model(tmp)
+            if tmp:
+                Path(tmp, "redi_stage.json").write_text(json.dumps({"global_step": step}))
 
-                    _save(backend, run_dir / "sft_final", write_sft)
-        _save(backend, run_dir / "final", lambda tmp: backend.save_model(str(tmp) if tmp else None))
-    finally:
-        writer.close()
-    records = read_metrics(metrics_path)
+        save_on_main(backend, run_dir / "sft_final", write_sft)
+
+
+def _summarise(session: _Session, wall_time_s: float) -> dict:
+    """summary.json: what ran, the last metrics of each stage, the skipped and collapse-flagged steps."""
+    cfg, run_dir, stages, reports = session.cfg, session.run_dir, session.stages, session.reports
+    records = read_metrics(run_dir / "metrics.jsonl")
     if not reports and (run_dir / "data_report.json").exists():
         reports = json.loads((run_dir / "data_report.json").read_text())
     summary = {
         "stages": stages,
-        "backend": backend.name,
+        "backend": session.backend.name,
         "model": cfg.model,
         "objective": cfg.objective if "pairs" in stages else None,
-        "steps": global_step,
-        "parameters": backend.num_parameters(),
-        "wall_time_s": round(time.time() - started, 3),
+        "steps": session.global_step,
+        "parameters": session.backend.num_parameters(),
+        "wall_time_s": round(wall_time_s, 3),
         "final_model": str(run_dir / "final"),
         "data": reports,
         "nonfinite_steps_skipped": [r["global_step"] for r in records if r.get("nonfinite_skipped")],
         "collapse_warnings": [r["global_step"] for r in records if r.get("collapse_warning")],
         "last": {st: next((r for r in reversed(records) if r["stage"] == st), None) for st in stages},
     }
-    if main:
+    if session.main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _trainable_parameters(backend: Backend) -> int:
-    """Adapters only under LoRA; every weight otherwise."""
-    count = getattr(backend, "num_trainable_parameters", None)
-    return count() if count is not None else backend.num_parameters()
-
-
-def _rank(backend: Backend) -> int:
-    return getattr(backend, "rank", 0)
-
-
-def _on_main(backend: Backend, fn):
-    """Run ``fn`` on rank 0 only and hand its result to every rank (one process: just ``fn()``)."""
-    if getattr(backend, "world_size", 1) == 1:
-        return fn()
-    return backend.all_gather_object(fn() if _rank(backend) == 0 else None)[0]  # type: ignore[attr-defined]
-
-
-def _save(backend: Backend, folder: Path, write) -> None:
-    """An atomic model folder written by rank 0; the other ranks take part in gathering the weights and
-    wait until the folder is in place (stage 2 loads sft_final/ right after)."""
-    if _rank(backend) == 0:
-        ckpt.atomic_dir(folder, write)
-    else:
-        write(None)
-    _on_main(backend, lambda: None)
-
-
-class _NoWriter:
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -1,7 +1,6 @@
 """The training loop: one readable function, shared by every backend and both stages."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -11,16 +10,17 @@ from typing import Callable, Sequence
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from redi.training import checkpoint as ckpt
-from redi.backend import Backend
-from redi.backend import MicroBatch
-from redi.training.batching import StepPlan, lr_at
+from redi.backend import Backend, MicroBatch
 from redi.config import StageConfig
 from redi.data import TokenizedPair, TokenizedSeq
 from redi.errors import UserError
-from redi.training.guards import CollapseDetector, NonFiniteBudget
-from redi.training.metrics import MetricsWriter, pair_step_metrics, sft_step_metrics
 from redi.objectives import Objective, PairStats, sft_loss
+from redi.training import checkpoint as ckpt
+from redi.training.batching import StepPlan, lr_at
+from redi.training.guards import CollapseDetector, NonFiniteBudget
+from redi.training.metrics import pair_step_metrics, sft_step_metrics
+from redi.training.ranks import rank_share
+from redi.training.report_to import MetricsSink
 
 
 @dataclass
@@ -76,23 +76,11 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_b
         ref[idx, 0], ref[idx, 1] = logps[:len(idx)], logps[len(idx):]
         if progress:
             progress.advance(task, len(idx))
-    if getattr(backend, "rank", 0) == 0:  # every rank computed the same values; one writes them
+    if backend.rank == 0:  # every rank computed the same values; one writes them
         tmp = cache.with_suffix(".tmp.npy")
         np.save(tmp, ref)
         tmp.rename(cache)
     return ref
-
-
-def rank_share(batches: list[MicroBatch], rank: int, world: int) -> list[tuple[int, MicroBatch]]:
-    """Rank ``rank``'s micro-batches of one step: ``rank``, ``rank + world``, ... with their indices. Every
-    rank runs the same number of forward/backward passes (collectives must match), so a rank short of
-    micro-batches repeats one with weight 0 and index -1: it adds nothing to the gradient or the metrics."""
-    if world == 1:
-        return list(enumerate(batches))
-    share = [(i, batches[i]) for i in range(rank, len(batches), world)]
-    while len(share) < -(-len(batches) // world):
-        share.append((-1, dataclasses.replace(batches[rank % len(batches)], weight=0.0)))
-    return share
 
 
 def make_progress() -> Progress:
@@ -102,78 +90,114 @@ def make_progress() -> Progress:
     )
 
 
-def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsWriter, *, global_step: int,
+def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsSink, *, global_step: int,
               start_step: int = 0, save_every: int = 0, keep_last: int = 2,
               progress: Progress | None = None, on_checkpoint: Callable[[Path, dict], None] | None = None,
               guards: Guards | None = None) -> int:
     """Train one stage from ``start_step``; returns the global step count after the stage."""
-    plan, s = run.plan(), run.settings
+    plan = run.plan()
     total = plan.total_steps
     guards = guards or Guards()
-    rank, world = getattr(backend, "rank", 0), getattr(backend, "world_size", 1)
     task = progress.add_task(f"stage {run.name}", total=total, completed=start_step, info="") if progress else None
     for step in range(start_step, total):
         t0 = time.perf_counter()
-        lr = lr_at(step, total, s.learning_rate, s.warmup_ratio)
-        results = []  # (micro-batch index, S, L, reference S, tokens) of the micro-batches this rank ran
-        for index, batch in rank_share(plan.micro_batches(step, run.examples), rank, world):
-            if run.reference is not None:
-                batch.ref_logps = np.concatenate([run.reference[batch.indices, 0], run.reference[batch.indices, 1]])
-            logps, lengths = backend.forward_backward(batch, micro_batch_loss(run, batch))
-            if index >= 0:
-                results.append((index, logps, lengths.astype(np.float64), batch.ref_logps, batch.tokens))
-        if world > 1:  # every rank sees the whole step's statistics, in the one-process order
-            results = sorted((r for part in backend.all_gather_object(results) for r in part), key=lambda r: r[0])
-        all_logps, all_lengths = [r[1] for r in results], [r[2] for r in results]
-        all_refs = [r[3] for r in results if r[3] is not None]
-        tokens = sum(r[4] for r in results)
-        update = backend.optimizer_step(lr, s.max_grad_norm)
+        lr = lr_at(step, total, run.settings.learning_rate, run.settings.warmup_ratio)
+        results = _accumulate(run, backend, plan.micro_batches(step, run.examples))
+        update = backend.optimizer_step(lr, run.settings.max_grad_norm)
         elapsed = time.perf_counter() - t0
-        if run.objective is None:
-            record = sft_step_metrics(np.concatenate(all_logps), np.concatenate(all_lengths))
-        else:
-            # Re-interleave micro-batches so the first half holds every chosen sequence of the step.
-            halves = [np.split(x, 2) for x in all_logps], [np.split(x, 2) for x in all_lengths]
-            logps = np.concatenate([h[0] for h in halves[0]] + [h[1] for h in halves[0]])
-            lengths = np.concatenate([h[0] for h in halves[1]] + [h[1] for h in halves[1]])
-            refs = None
-            if all_refs:
-                refs = np.concatenate([np.split(r, 2)[0] for r in all_refs] + [np.split(r, 2)[1] for r in all_refs])
-            record = pair_step_metrics(run.objective, logps, lengths, refs)
         global_step += 1
+        record = _step_record(run, results)
+        tokens = sum(r.tokens for r in results)
         record.update({
             "grad_norm": update["grad_norm"], "update_norm": update["update_norm"], "lr": lr,
             "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "step": step + 1, "global_step": global_step, "stage": run.name, "epoch": plan.epoch_of(step),
             "time_s": elapsed,
         })
-        bad = not math.isfinite(record["loss"]) or bool(update.get("skipped"))
-        if bad:
-            record["nonfinite_skipped"] = guards.nonfinite.tolerate(global_step)
-        collapsed = guards.collapse is not None and not bad and guards.collapse.update(record)
-        if collapsed:
-            record["collapse_warning"] = True
-        if rank == 0:
+        collapsed = _apply_guards(guards, record, bool(update.get("skipped")))
+        if backend.rank == 0:
             writer.write(record)
-        if bad and not record["nonfinite_skipped"]:
-            last = ckpt.latest_checkpoint(run_dir)
-            where = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
-            raise UserError(f"non-finite loss or gradient at {run.name} step {step + 1} (global step {global_step}){where}; "
-                            f"--set skip_nonfinite=N tolerates N such steps")
-        if collapsed and guards.stop_on_collapse:
-            raise UserError(f"collapse at {run.name} step {step + 1}: chosen and rejected LogPS fell together while "
-                            f"update_norm rose (stop_on_collapse is set); lower the learning rate or alpha")
+        _raise_if_stopped(run, guards, record, collapsed, run_dir)
         if progress:
-            info = f"loss {record['loss']:.4f}  "
-            if run.objective is not None:
-                info += f"LogPS w {record['logps/chosen_normalized']:.3f} l {record['logps/rejected_normalized']:.3f}  "
-            info += f"{record['tokens_per_s']:.0f} tok/s"
-            if collapsed:
-                info += "  [bold red]COLLAPSE?[/]"
-            progress.update(task, advance=1, info=info)
+            progress.update(task, advance=1, info=_progress_info(run, record, collapsed))
         if save_every and global_step % save_every == 0 and step + 1 < total and on_checkpoint:
             state = {"stage": run.name, "stage_step": step + 1, "global_step": global_step, "total_steps": total}
             on_checkpoint(run_dir / "checkpoints" / f"step-{global_step}", state)
-            if rank == 0:
+            if backend.rank == 0:
                 ckpt.prune(run_dir, keep_last)
     return global_step
+
+
+@dataclass
+class _Result:
+    """What one micro-batch of a step produced, for the step's metrics."""
+
+    index: int  # the micro-batch's place in the step (results are gathered from every rank in this order)
+    logps: np.ndarray  # S, chosen then rejected for pairs
+    lengths: np.ndarray  # L, as float64
+    ref_logps: np.ndarray | None
+    tokens: int
+
+
+def _accumulate(run: StageRun, backend: Backend, batches: list[MicroBatch]) -> list[_Result]:
+    """Forward/backward this rank's share of the step's micro-batches; every rank gets the whole step's results."""
+    results = []
+    for index, batch in rank_share(batches, backend.rank, backend.world_size):
+        if run.reference is not None:
+            batch.ref_logps = np.concatenate([run.reference[batch.indices, 0], run.reference[batch.indices, 1]])
+        logps, lengths = backend.forward_backward(batch, micro_batch_loss(run, batch))
+        if index >= 0:
+            results.append(_Result(index, logps, lengths.astype(np.float64), batch.ref_logps, batch.tokens))
+    if backend.world_size > 1:  # every rank sees the whole step's statistics, in the one-process order
+        results = sorted((r for part in backend.all_gather_object(results) for r in part), key=lambda r: r.index)
+    return results
+
+
+def _step_record(run: StageRun, results: list[_Result]) -> dict:
+    """The step's loss and log-prob metrics from all its micro-batches."""
+    all_logps, all_lengths = [r.logps for r in results], [r.lengths for r in results]
+    if run.objective is None:
+        return sft_step_metrics(np.concatenate(all_logps), np.concatenate(all_lengths))
+    # Re-interleave micro-batches so the first half holds every chosen sequence of the step.
+    halves = [np.split(x, 2) for x in all_logps], [np.split(x, 2) for x in all_lengths]
+    logps = np.concatenate([h[0] for h in halves[0]] + [h[1] for h in halves[0]])
+    lengths = np.concatenate([h[0] for h in halves[1]] + [h[1] for h in halves[1]])
+    all_refs = [r.ref_logps for r in results if r.ref_logps is not None]
+    refs = None
+    if all_refs:
+        refs = np.concatenate([np.split(r, 2)[0] for r in all_refs] + [np.split(r, 2)[1] for r in all_refs])
+    return pair_step_metrics(run.objective, logps, lengths, refs)
+
+
+def _apply_guards(guards: Guards, record: dict, skipped: bool) -> bool:
+    """Mark a non-finite step (tolerated or not) and a collapse warning in ``record``; True when collapse fired."""
+    bad = not math.isfinite(record["loss"]) or skipped
+    if bad:
+        record["nonfinite_skipped"] = guards.nonfinite.tolerate(record["global_step"])
+    collapsed = guards.collapse is not None and not bad and guards.collapse.update(record)
+    if collapsed:
+        record["collapse_warning"] = True
+    return collapsed
+
+
+def _raise_if_stopped(run: StageRun, guards: Guards, record: dict, collapsed: bool, run_dir: Path) -> None:
+    """Stop on an untolerated non-finite step, or on collapse when ``stop_on_collapse`` is set."""
+    step, global_step = record["step"], record["global_step"]
+    if "nonfinite_skipped" in record and not record["nonfinite_skipped"]:
+        last = ckpt.latest_checkpoint(run_dir)
+        where = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
+        raise UserError(f"non-finite loss or gradient at {run.name} step {step} (global step {global_step}){where}; "
+                        f"--set skip_nonfinite=N tolerates N such steps")
+    if collapsed and guards.stop_on_collapse:
+        raise UserError(f"collapse at {run.name} step {step}: chosen and rejected LogPS fell together while "
+                        f"update_norm rose (stop_on_collapse is set); lower the learning rate or alpha")
+
+
+def _progress_info(run: StageRun, record: dict, collapsed: bool) -> str:
+    info = f"loss {record['loss']:.4f}  "
+    if run.objective is not None:
+        info += f"LogPS w {record['logps/chosen_normalized']:.3f} l {record['logps/rejected_normalized']:.3f}  "
+    info += f"{record['tokens_per_s']:.0f} tok/s"
+    if collapsed:
+        info += "  [bold red]COLLAPSE?[/]"
+    return info

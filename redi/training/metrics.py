@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from redi.backend import NumpyOps
-from redi.objectives import Objective, PairStats, sft_loss
+from redi.objectives import NumpyOps, Objective, PairStats, sft_loss
 
 
 def pair_step_metrics(objective: Objective, logps: np.ndarray, lengths: np.ndarray,

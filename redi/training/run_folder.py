@@ -12,7 +12,8 @@ from redi.config import Config, to_dict
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
-RESUME_FREE_KEYS = {"output", "backend", "save_every", "keep_last", "log_every", "stop_on_collapse", "skip_nonfinite"}
+RESUME_FREE_KEYS = {"output", "backend", "save_every", "keep_last", "log_every", "stop_on_collapse", "skip_nonfinite",
+                    "report_to", "wandb_project", "wandb_run_name"}
 
 
 def check_writable(run_dir: Path) -> None:
