@@ -73,6 +73,9 @@ class ScriptedBackend:
     def num_parameters(self):
         return 1000
 
+    def num_trainable_parameters(self):
+        return 1000
+
 
 def _cfg(tmp_path, *overrides):
     cfg = load_config(TINY)
