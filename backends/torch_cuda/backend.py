@@ -19,7 +19,6 @@ import torch
 from redi.backends.torch_cuda import layers, lora as torch_lora
 from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, flex_available, layer_mask_mapping,
                                                packed_attention_mode)
-from redi.backends.torch_cuda.generate import cache_kwarg, sample_next
 from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_optimizer_state, load_full_model_state,
                                                  load_full_optimizer_state, shard)
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
@@ -73,6 +72,15 @@ def write_top_level_rope_theta(model_dir: Path) -> None:
     if "rope_theta" not in cfg and "rope_theta" in rope:
         cfg["rope_theta"] = rope["rope_theta"]
         cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed forward's ``past_key_values`` to ``cache`` (5.2x warns on the old name; 5.17 lacks
+    the new one)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass
@@ -363,7 +371,7 @@ class TorchBackend:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p, device=self.device)
             attn[i, width - len(p):] = 1
-        cache, cache_name = DynamicCache(), cache_kwarg(self.model)
+        cache, cache_kwarg = DynamicCache(), _cache_kwarg(self.model)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         out = torch.zeros((n, 0), dtype=torch.long, device=self.device)
         step_ids = ids
@@ -371,7 +379,7 @@ class TorchBackend:
             position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
             with self._autocast():
                 logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=position,
-                                    use_cache=True, **{cache_name: cache}).logits[:, -1].float()
+                                    use_cache=True, **{cache_kwarg: cache}).logits[:, -1].float()
             nxt = sample_next(logits, temperature, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
@@ -384,3 +392,15 @@ class TorchBackend:
         for row in out.tolist():
             result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
         return result
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
