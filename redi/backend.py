@@ -19,6 +19,7 @@ import numpy as np
 from redi.config import check_memory_options
 from redi.data import TokenizedSeq
 from redi.errors import UserError
+from redi.lora import spec_from_config
 from redi.objectives import ArrayOps
 
 @dataclass
@@ -104,11 +105,11 @@ class Backend(Protocol):
         """Parameter count of the loaded model."""
 
     def num_trainable_parameters(self) -> int:
-        """Parameters the optimizer updates: the adapters under LoRA, all of them otherwise."""
+        """Parameters the optimizer updates: the adapters under LoRA, every weight otherwise."""
 
 
 # The config keys each backend reads (config.py declares them; docs/cuda.md and docs/mlx.md explain them).
-# Every backend reads the speed and memory keys and the LoRA keys (redi/lora.py: PEFT on torch, mlx-lm on MLX).
+# Both backends read all of them: the speed and memory keys as they are, the lora_* keys as one LoraSpec.
 SPEED_KEYS = ("packing", "activation_checkpointing", "compile", "optim_state_dtype")
 LORA_KEYS = ("lora_rank", "lora_scale", "lora_dropout", "lora_dora", "lora_targets")
 OPTION_KEYS = {"cpu": SPEED_KEYS + LORA_KEYS, "cuda": SPEED_KEYS + LORA_KEYS, "mlx": SPEED_KEYS + LORA_KEYS}
@@ -119,9 +120,9 @@ def backend_options(cfg: Any, name: str) -> dict[str, Any]:
     name = name or default_backend()
     if name not in OPTION_KEYS:
         raise UserError(f"unknown backend '{name}'; valid backends: {', '.join(OPTION_KEYS)}")
-    if cfg.lora_rank and name in ("cpu", "cuda") and importlib.util.find_spec("peft") is None:
-        raise UserError(f"lora_rank on --backend {name} needs PEFT: pip install 'redi[lora]'")
-    return {key: getattr(cfg, key) for key in OPTION_KEYS[name]}
+    options: dict[str, Any] = {key: getattr(cfg, key) for key in OPTION_KEYS[name] if key in SPEED_KEYS}
+    options["lora"] = spec_from_config(cfg)
+    return options
 
 
 def _cuda_available() -> bool:
@@ -156,9 +157,12 @@ def apply_options(target: Any, options: dict[str, Any], backend: str) -> None:
 
 
 def make_backend(name: str, seed: int = 0, **options: Any) -> Backend:
-    """Backend ``name`` (empty: ``default_backend()``) built with ``options`` (keys of ``OPTION_KEYS[name]``)."""
+    """Backend ``name`` (empty: ``default_backend()``) built with ``options``: ``lora`` (a ``LoraSpec``: adapters
+    over a frozen base, PEFT on torch, mlx-lm's tuner on MLX) and the ``SPEED_KEYS``."""
     name = name or default_backend()
     if name in ("cpu", "cuda"):
+        if options.get("lora") is not None and importlib.util.find_spec("peft") is None:
+            raise UserError(f"lora_rank on --backend {name} needs PEFT: pip install 'redi[lora]'")
         if importlib.util.find_spec("torch") is None:
             raise UserError(f"--backend {name} needs PyTorch: pip install 'redi[torch]' (or torch==2.13.0 for CPU)")
         if name == "cuda" and not _cuda_available():

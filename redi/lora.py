@@ -72,11 +72,6 @@ def spec_from_config(cfg) -> LoraSpec | None:
     return lora_spec(cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_dora, cfg.lora_targets)
 
 
-def pop_lora(options: dict) -> LoraSpec | None:
-    """Take the ``lora_*`` keys out of a backend's constructor options (``redi.backend.backend_options``)."""
-    return lora_spec(**{key[len("lora_"):]: options.pop(key) for key in list(options) if key.startswith("lora_")})
-
-
 def initial_a(seed: int, module: str, in_features: int, rank: int) -> np.ndarray:
     """A of ``module`` (its name in the HF model, e.g. ``model.layers.0.self_attn.q_proj``), PEFT layout [r, in]."""
     rng = np.random.default_rng([seed, zlib.crc32(module.encode())])

@@ -40,6 +40,7 @@ from redi.backends.torch_cuda.packing import pack  # noqa: E402
 from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
 from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
+from redi.lora import LoraSpec  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
@@ -124,7 +125,8 @@ def run_one(name: str, mode: str, options: dict, args, data, max_len: int, devic
     options = dict(options)
     micro_pairs = int(options.pop("micro_pairs", args.micro_pairs))
     rank = int(options.get("lora_rank", 0))  # stays in the result's options: no TRL ratio for LoRA runs
-    backend = TorchBackend(device.type, seed=0, **{k: int(v) if k == "lora_rank" else v for k, v in options.items()})
+    backend = TorchBackend(device.type, seed=0, lora=LoraSpec(rank) if rank else None,
+                           **{k: v for k, v in options.items() if k != "lora_rank"})
     backend.adopt(make_model(args.shape, max_len, device), lm_head_chunk=args.lm_head_chunk)
     backend.init_optimizer(weight_decay=0.0)
     n_params = backend.num_parameters()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from redi.backend import OPTION_KEYS, Backend, backend_options, make_backend
+from redi.backend import OPTION_KEYS, SPEED_KEYS, Backend, backend_options, make_backend
 from redi.config import Config
 from redi.errors import UserError
 
@@ -104,23 +104,19 @@ def test_config_options_reach_the_backend_through_its_constructor(name):
     pytest.importorskip("torch" if name == "cpu" else "mlx.core")
     cfg = Config(activation_checkpointing="1", optim_state_dtype="bf16", compile=True, packing=False)
     options = backend_options(cfg, name)
-    assert set(options) == set(OPTION_KEYS[name]) and all(hasattr(cfg, k) for k in options)
+    assert set(options) == set(SPEED_KEYS) | {"lora"}  # the lora_* keys arrive as one LoraSpec
+    assert all(hasattr(cfg, k) for k in OPTION_KEYS[name])
+    assert options["lora"] is None
     backend = make_backend(name, 0, **options)
     assert (backend.options.activation_checkpointing, backend.options.optim_state_dtype) == ("1", "bf16")
     assert backend.options.compile is True and backend.options.packing is False
 
 
-def test_lora_keys_reach_every_backend():
-    # Issue 17: LoRA/DoRA on torch (PEFT) as on MLX; the backend turns the lora_* keys into redi.lora.LoraSpec.
-    from redi.lora import pop_lora
-
-    for name in ("cpu", "cuda", "mlx"):
-        options = backend_options(Config(lora_rank=8, lora_dora=True, lora_targets="q_proj"), name)
-        spec = pop_lora(options)
-        assert spec.rank == 8 and spec.dora and spec.targets == ("q_proj",) and spec.alpha == 8 * 20.0
-        assert not any(k.startswith("lora_") for k in options)
-    with pytest.raises(UserError, match="'lora_dora' needs lora_rank > 0"):
-        pop_lora(backend_options(Config(lora_dora=True), "cpu"))
+@pytest.mark.parametrize("name", ["cpu", "mlx"])
+def test_lora_keys_reach_the_backend_as_one_spec(name):
+    pytest.importorskip("peft" if name == "cpu" else "mlx.core")
+    backend = make_backend(name, 0, **backend_options(Config(lora_rank=8, lora_scale=4.0, lora_dora=True), name))
+    assert (backend.lora.rank, backend.lora.scale, backend.lora.dora) == (8, 4.0, True)
 
 
 def test_no_probe_on_a_backend_in_the_core():

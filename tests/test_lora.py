@@ -74,7 +74,7 @@ def _train(out: Path, model: str, stage: str, name: str, kind: str):
     from redi.backend import backend_options, make_backend
 
     cfg = _cfg(out, model, stage, "cpu" if name == "torch" else "mlx", kind)
-    backend = make_backend(cfg.backend, cfg.seed, **backend_options(cfg, cfg.backend))
+    backend = make_backend(cfg.backend, cfg.seed, **backend_options(cfg, cfg.backend))  # lora=LoraSpec(...)
     train(cfg, backend=backend)
     return backend
 
@@ -137,7 +137,7 @@ def test_config_keys_are_checked():
 
 
 def test_peft_wraps_the_targets_and_only_adapters_train(tiny_model_dir):
-    b = TorchBackend("cpu", seed=3, lora_rank=4, lora_scale=8.0, lora_targets="q_proj,down_proj")
+    b = TorchBackend("cpu", seed=3, lora=LoraSpec(rank=4, scale=8.0, targets=("q_proj", "down_proj")))
     b.load(tiny_model_dir)
     trainable = {n: p for n, p in b.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
@@ -308,7 +308,7 @@ def test_lora_dropout_acts_in_training_passes_only(tiny_model_dir, name):
     from redi.training.loop import StageRun, micro_batch_loss
 
     def backend(dropout):
-        b = make_backend("cpu" if name == "torch" else "mlx", 0, lora_rank=4, lora_scale=8.0, lora_dropout=dropout)
+        b = make_backend("cpu" if name == "torch" else "mlx", 0, lora=LoraSpec(rank=4, scale=8.0, dropout=dropout))
         b.load(tiny_model_dir)
         b.init_optimizer(weight_decay=0.0)
         return b
@@ -345,4 +345,4 @@ def test_targets_that_match_nothing_are_refused(tiny_model_dir):
     from redi.errors import UserError
 
     with pytest.raises(UserError, match="lora_targets qproj match no linear layer"):
-        TorchBackend("cpu", lora_rank=4, lora_targets="qproj").load(tiny_model_dir)
+        TorchBackend("cpu", lora=LoraSpec(rank=4, targets=("qproj",))).load(tiny_model_dir)

@@ -403,7 +403,9 @@ def test_sampling_is_seeded(backends):
 @pytest.mark.parametrize("dora", [False, True])
 def test_lora_trains_saves_fused_and_resumes(tmp_path, tiny_model_dir, dora):
     def backend():
-        return MLXBackend(seed=0, lora_rank=4, lora_scale=8.0, lora_dora=dora)
+        from redi.lora import LoraSpec
+
+        return MLXBackend(seed=0, lora=LoraSpec(rank=4, scale=8.0, dora=dora))
 
     cfg = _cfg(tmp_path / "lora", tiny_model_dir, "sft", "backend=mlx", "save_every=2", "sft.max_steps=6")
     first = backend()

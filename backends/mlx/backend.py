@@ -22,7 +22,7 @@ from redi.backends.mlx.optim import AdamW, clip_by_global_norm
 from redi.backend import MicroBatch, apply_options
 from redi.config import check_precision, checkpointing_mode
 from redi.errors import UserError
-from redi.lora import ADAPTER_DIR, pop_lora
+from redi.lora import ADAPTER_DIR, LoraSpec
 
 # mlx-lm's trainer rounds to 32 too: bounded padding waste and a bounded number of shapes per run.
 PAD_MULTIPLE = 32
@@ -64,11 +64,11 @@ class MLXOptions:
 
 
 class MLXBackend:
-    def __init__(self, seed: int = 0, **options: Any):
+    def __init__(self, seed: int = 0, *, lora: LoraSpec | None = None, **options: Any):
         self.name = "mlx"
         self.ops = MLXOps()
         self.seed = seed
-        self.lora = pop_lora(options)  # lora_* keys: adapters over a frozen base (mlx-lm's tuner; redi/lora.py)
+        self.lora = lora  # LoRA/DoRA adapters over a frozen base (mlx-lm's tuner; conventions in redi/lora.py)
         self.options = MLXOptions()
         apply_options(self.options, options, "mlx")
         self.rank, self.world_size = 0, 1  # one process: MLX has no multi-process training here

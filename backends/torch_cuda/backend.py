@@ -27,7 +27,7 @@ from redi.backends.torch_cuda.packing import pack
 from redi.backend import MicroBatch, apply_options
 from redi.config import check_precision
 from redi.errors import UserError
-from redi.lora import pop_lora
+from redi.lora import LoraSpec
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -95,9 +95,8 @@ class TorchOptions:
 
 
 class TorchBackend:
-    def __init__(self, device: str = "cpu", seed: int = 0, **options: Any):
-        self.name = device
-        self.lora = pop_lora(options)  # lora_* keys: PEFT adapters over a frozen base (lora.py)
+    def __init__(self, device: str = "cpu", seed: int = 0, lora: LoraSpec | None = None, **options: Any):
+        self.name, self.lora = device, lora  # lora: train PEFT adapters over a frozen base (lora.py)
         self.dist = Dist("cuda" if device == "cuda" else "cpu")
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.device = self.dist.device()
@@ -105,8 +104,10 @@ class TorchBackend:
         self.seed = seed
         self.options = TorchOptions()
         apply_options(self.options, options, "torch")
-        if self.world_size > 1 and (not self.options.packing or self.lora):
-            raise UserError("multi-process training needs packing=true and no lora_rank (LoRA is single-process)")
+        if self.world_size > 1 and not self.options.packing:
+            raise UserError("multi-process training needs packing=true")
+        if self.world_size > 1 and self.lora:
+            raise UserError("lora_rank is single-process for now (one GPU); run without torchrun")
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_checkpointed_layers = 0
