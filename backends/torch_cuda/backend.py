@@ -106,7 +106,7 @@ class TorchBackend:
         apply_options(self.options, options, "torch")
         if self.world_size > 1 and not self.options.packing:
             raise UserError("multi-process training needs packing=true")
-        if self.world_size > 1 and self.lora:
+        if self.dist.enabled and self.lora:  # enabled, not world_size: torchrun with one rank shards too
             raise UserError("lora_rank is single-process for now (one GPU); run without torchrun")
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
