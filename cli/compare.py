@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -14,6 +14,9 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(Path("runs/compare"), "--output", help="Folder for compare.md/.csv and plots."),
         backend: Optional[str] = typer.Option(None, "--backend", help="cpu | cuda | mlx."),
         seeds: Optional[int] = typer.Option(None, "--seeds", help="Repeat each arm with N seeds (mean ± std)."),
+        overrides: List[str] = typer.Option([], "--set", help="KEY=VALUE: a grid key (eval.benchmarks=[b.jsonl], "
+                                            "sft_checkpoints.sft-3ep.path=DIR, eval_every=100) or any recipe key "
+                                            "(pairs.max_steps=400)."),
     ) -> None:
         """Run each arm of the grid (REDI, symmetric, DPO, SimPO, continued SFT) and tabulate and plot them."""
         from importlib.resources import files
@@ -25,4 +28,4 @@ def register(app: typer.Typer) -> None:
             config = Path(str(files("redi.configs") / "compare.yaml"))
         if seeds is not None and seeds < 1:
             raise UserError("--seeds must be at least 1")
-        run_compare(config, output, backend or "", seeds)
+        run_compare(config, output, backend or "", seeds, sets=overrides)

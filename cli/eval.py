@@ -6,13 +6,36 @@ from typing import List, Optional
 import typer
 
 
+def results_table(results: dict, title: str):
+    """One row per benchmark; fits an 80-column terminal (tests/test_eval.py renders it at 80)."""
+    from rich import box
+    from rich.table import Table
+
+    first = next(iter(results.values()), {})
+    n = first.get("n", 1)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0),
+                  caption=f"grader: {first.get('grader', '?')}; % of samples; tokens: mean per response")
+    for col in ("benchmark", "problems", f"pass@1 (n={n})", f"pass@{n}", "tokens", "truncated", "format err"):
+        table.add_column(col, justify="left" if col == "benchmark" else "right", no_wrap=True)
+    for name, r in results.items():
+        sem = "" if r["sem"] is None else f" ± {100 * r['sem']:.1f}"
+        pass_n = r["pass@" + str(r["n"])]
+        table.add_row(name, str(r["problems"]), f"{100 * r['pass@1']:.1f}{sem}", f"{100 * pass_n:.1f}",
+                      f"{r['mean_response_tokens']:.0f}", f"{100 * r['truncation_rate']:.0f}%", str(r["format_errors"]))
+    return table
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
         model: str = typer.Option(..., "--model", help="HF model directory (or hub name when online)."),
-        benchmark: List[str] = typer.Option(..., "--benchmark", help="math500 | aime24 | amc23 | minerva | olympiadbench, or a jsonl/parquet with problem and answer. Repeatable."),
-        output: str = typer.Option("eval", "--output", help="Folder for samples.jsonl and results.json."),
-        backend: str = typer.Option("", "--backend", help="cpu | cuda | mlx (default: as redi train)."),
+        benchmark: List[str] = typer.Option(..., "--benchmark", help="math500 | aime24 | amc23 | minerva | olympiadbench (the paper's files, shipped), hf:<hub dataset>, or a jsonl/parquet with problem and answer. Repeatable."),
+        output: str = typer.Option("eval", "--output", help="Folder for samples.jsonl, results.json and settings.json."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="vllm | native (default: vllm when installed, else native)."),
+        backend: str = typer.Option("", "--backend", help="The native engine's backend: cpu | cuda | mlx (default: as redi train)."),
+        grader: Optional[str] = typer.Option(None, "--grader", help="rllm (the paper's) | math-verify (default: rllm with --template paper, else math-verify)."),
+        tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model copy."),
+        data_parallel: int = typer.Option(1, "--data-parallel", help="vLLM: model copies."),
         samples: int = typer.Option(16, "--samples", help="Samples per problem."),
         temperature: float = typer.Option(0.6, "--temperature"),
         top_p: float = typer.Option(0.95, "--top-p"),
@@ -22,33 +45,33 @@ def register(app: typer.Typer) -> None:
         no_system_prompt: bool = typer.Option(False, "--no-system-prompt", help="No system turn at all."),
         template: str = typer.Option("paper", "--template", help="paper: the paper's instruction around the problem; raw: the problem alone."),
         seed: int = typer.Option(0, "--seed"),
-        batch_size: int = typer.Option(64, "--batch-size", help="Prompts generated together."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Native engine: sequences generated together."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Grading processes (default: all cores)."),
         limit: int = typer.Option(0, "--limit", help="Only the first N problems of each benchmark."),
+        force: bool = typer.Option(False, "--force", help="Add to an --output whose recorded model or settings differ."),
     ) -> None:
         """Pass@1 over N samples with the paper's SEM, pass@k, mean length and truncation rate."""
         from rich.console import Console
-        from rich.table import Table
 
-        from redi.errors import UserError
+        from redi.errors import Interrupted, UserError
+        from redi.evaluation.engines import ENGINES
+        from redi.evaluation.grading import GRADERS
         from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, evaluate
 
         if template not in ("paper", "raw"):
             raise UserError(f"--template must be paper or raw, got '{template}'")
-        if samples < 1 or max_new_tokens < 1:
-            raise UserError("--samples and --max-new-tokens must be at least 1")
+        if engine is not None and engine not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+        if grader is not None and grader not in GRADERS:
+            raise UserError(f"--grader must be one of {', '.join(GRADERS)}, got '{grader}'")
+        if samples < 1 or max_new_tokens < 1 or batch_size < 1:
+            raise UserError("--samples, --max-new-tokens and --batch-size must be at least 1")
         settings = EvalSettings(samples, temperature, top_p, max_new_tokens, force_think,
                                 None if no_system_prompt else (system_prompt or QWEN_MATH_SYSTEM), template, seed,
-                                batch_size, workers, limit)
-        results = evaluate(model, benchmark, output, settings, backend)
-        table = Table(title=f"redi eval: {model}")
-        for col in ("benchmark", "problems", f"pass@1 (n={samples})", "± SEM", f"pass@{samples}", "mean tokens",
-                    "truncated", "format errors"):
-            table.add_column(col, justify="right" if col != "benchmark" else "left")
-        for name, r in results.items():
-            sem = "-" if r["sem"] is None else f"{100 * r['sem']:.1f}"
-            pass_n = r[f"pass@{r['n']}"]
-            table.add_row(name, str(r["problems"]), f"{100 * r['pass@1']:.1f}", sem, f"{100 * pass_n:.1f}",
-                          f"{r['mean_response_tokens']:.0f}", f"{100 * r['truncation_rate']:.0f}%", str(r["format_errors"]))
-        Console().print(table)
+                                batch_size, workers, limit, grader, engine, tensor_parallel, data_parallel)
+        try:
+            results = evaluate(model, benchmark, output, settings, backend, force=force)
+        except KeyboardInterrupt:
+            raise Interrupted(f"samples so far are in {output}/samples.jsonl; the same command resumes from them") from None
+        Console().print(results_table(results, f"redi eval: {model}"))
         typer.echo(f"samples: {output}/samples.jsonl  results: {output}/results.json")

@@ -14,12 +14,13 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def _print_table(path: Path, summary: dict) -> None:
+def _print_table(path: Path, summary: dict, grader: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     n = summary["n"]
-    table = Table(title=f"{path.name}: {summary['problems']} problems, {summary['samples']} samples")
+    table = Table(title=f"{path.name}: {summary['problems']} problems, {summary['samples']} samples",
+                  caption=f"grader: {grader}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("pass@1 ± SEM (%)", f"{_percent(summary['pass@1'])} ± {_percent(summary['sem'])}")
@@ -50,16 +51,21 @@ def register(app: typer.Typer) -> None:
                                            help="A response without </think> is a format error (use when the "
                                                 "prompt forced <think>, as the paper's evaluation did)."),
         timeout: float = typer.Option(5.0, "--timeout", help="CPU seconds per judgement; a timeout counts wrong."),
+        grader: str = typer.Option("math-verify", "--grader",
+                                   help="math-verify | rllm (the paper's reward: no </think> or no \\boxed{} is a "
+                                        "format error, whatever the two flags above say)."),
     ) -> None:
-        """Grade responses with math-verify and report pass@1 ± SEM, pass@k and format errors."""
-        from redi.evaluation.grading import grade_file
+        """Grade responses (math-verify or the paper's rllm reward): pass@1 ± SEM, pass@k and format errors."""
+        from redi.evaluation.grading import GRADERS, grade_file
 
+        if grader not in GRADERS:
+            raise UserError(f"--grader must be one of {', '.join(GRADERS)}, got '{grader}'")
         if workers is not None and workers < 0:
             raise UserError(f"--workers must be 0 or more, got {workers}")
         if timeout <= 0:
             raise UserError(f"--timeout must be positive, got {timeout}")
         summary, records = grade_file(responses, workers=workers, timeout=timeout, require_boxed=require_boxed,
-                                      require_think=require_think)
+                                      require_think=require_think, grader=grader)
         if output is not None:
             try:
                 with open(output, "w", encoding="utf-8") as handle:
@@ -68,6 +74,6 @@ def register(app: typer.Typer) -> None:
             except OSError as err:
                 raise UserError(f"{output}: cannot write ({err.strerror or err})") from None
         if json_output:
-            print(json.dumps({"file": str(responses), **summary}))
+            print(json.dumps({"file": str(responses), "grader": grader, **summary}))
         else:
-            _print_table(responses, summary)
+            _print_table(responses, summary, grader)

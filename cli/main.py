@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from redi.errors import UserError
+from redi.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="redi",
@@ -18,11 +18,23 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"redi {version('redi')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
     """Reinforcement Distillation: SFT on correct teacher traces, then learn from the wrong ones too."""
 
 
@@ -42,18 +54,23 @@ def _register_commands() -> None:
     data_cmd.register(app)
     from redi.cli import grade as grade_cmd
     grade_cmd.register(app)
+    from redi.cli import config as config_cmd
+    config_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
@@ -66,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             print("error: aborted", file=sys.stderr)
             return 1
         raise
-    return 0
+    if code == 130:  # Typer turns a Ctrl-C that no command caught into a returned 130 (not an exception)
+        print("interrupted", file=sys.stderr)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from redi.config import Config, apply_overrides, load_config
-from redi.errors import UserError
+from redi.errors import Interrupted, UserError
 from redi.objectives import PAIR_OBJECTIVES
 
 
@@ -43,49 +43,75 @@ def build_config(config: Optional[Path], backend: Optional[str], stage: Optional
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("train")
-    def train(
-        config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe (see configs/)."),
-        backend: Optional[str] = typer.Option(None, "--backend", help="cpu | cuda | mlx (default: cuda if available, mlx on Apple silicon, else cpu)."),
-        stage: Optional[str] = typer.Option(None, "--stage", help="sft | pairs | both (default both)."),
-        objective: Optional[str] = typer.Option(None, "--objective", help=" | ".join(PAIR_OBJECTIVES) + "."),
-        model: Optional[str] = typer.Option(None, "--model", help="HF model directory or hub name."),
-        data: Optional[str] = typer.Option(None, "--data", help="jsonl/parquet file, save_to_disk folder, hub name, or a `redi data pair` folder."),
-        output: Optional[str] = typer.Option(None, "--output", help="Run folder."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps per stage (overrides epochs)."),
-        max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit per sequence, both stages."),
-        seed: Optional[int] = typer.Option(None, "--seed"),
-        save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N optimizer steps."),
-        resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its newest checkpoint."),
-        force: bool = typer.Option(False, "--force", help="With --resume: accept a config that differs from the run's."),
-        keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep only the newest K checkpoints."),
-        skip_nonfinite: Optional[int] = typer.Option(None, "--skip-nonfinite", help="Tolerate up to N non-finite steps (skipped and logged)."),
-        stop_on_collapse: bool = typer.Option(False, "--stop-on-collapse", help="Stop when the collapse alarm fires."),
-        overrides: List[str] = typer.Option([], "--set", help="KEY=VALUE for any config key, e.g. pairs.learning_rate=1e-6."),
-    ) -> None:
-        """Train stage 1 (SFT on correct traces) and/or stage 2 (pairs with REDI, DPO, SimPO...)."""
-        from redi.training.api import train as run_train
+    app.command("train")(train)
 
-        if resume is not None:
-            if not (resume / "config.yaml").exists():
-                raise UserError(f"--resume {resume}: no config.yaml there; not a redi run folder")
-            config = config or resume / "config.yaml"
-            output = str(resume)
-        # Nothing but presentation flags given: the demo pipeline. Any --stage means plain training instead.
-        demo = config is None and model is None and data is None and resume is None and stage is None
-        cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
-                           save_every, overrides)
-        if keep_last is not None:
-            cfg.keep_last = keep_last
-        if skip_nonfinite is not None:
-            cfg.skip_nonfinite = skip_nonfinite
-        if stop_on_collapse:
-            cfg.stop_on_collapse = True
-        if demo and cfg.model == "builtin:demo":
-            # No model, data or recipe given: the built-in demo (data -> SFT -> REDI -> held-out evaluation).
-            from redi.experiments.demo import run_demo
 
-            run_demo(cfg)
-            return
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe (see configs/)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="cpu | cuda | mlx (default: cuda if available, mlx on Apple silicon, else cpu)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="sft | pairs | both.  [default: both]"),
+    objective: Optional[str] = typer.Option(None, "--objective", help=" | ".join(PAIR_OBJECTIVES) + ".  [default: redi]"),
+    model: Optional[str] = typer.Option(None, "--model", help="HF model directory or hub name (needs --data).  [default: the built-in demo]"),
+    data: Optional[str] = typer.Option(None, "--data", help="jsonl/parquet file, save_to_disk folder, hub name, or a `redi data pair` folder."),
+    output: Optional[str] = typer.Option(None, "--output", help="Run folder; must not hold a run (see --resume).  [default: runs/redi]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps per stage (overrides epochs); 0: check the data and print the plan, train nothing."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit per sequence, both stages.  [default: sft 32768, pairs 19800]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 42]"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N optimizer steps; 0: only the final model.  [default: 0]"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its newest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="With --resume: accept a config that differs from the run's."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep only the newest K checkpoints.  [default: 2]"),
+    skip_nonfinite: Optional[int] = typer.Option(None, "--skip-nonfinite", help="Tolerate up to N non-finite steps (skipped and logged).  [default: 0]"),
+    stop_on_collapse: bool = typer.Option(False, "--stop-on-collapse", help="Stop when the collapse alarm fires."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config (what config.yaml will hold) and exit."),
+    overrides: List[str] = typer.Option([], "--set", help="KEY=VALUE for any config key, e.g. pairs.learning_rate=1e-6."),
+) -> None:
+    """Train stage 1 (SFT on correct traces) and/or stage 2 (pairs with REDI, DPO, SimPO...).
+
+    Unset flags keep the recipe's value; `redi config show` lists every key with its default."""
+    from redi.training.api import train as run_train
+
+    if resume is not None:
+        if not (resume / "config.yaml").exists():
+            raise UserError(f"--resume {resume}: no config.yaml there; not a redi run folder")
+        config = config or resume / "config.yaml"
+        output = str(resume)
+    # Nothing but presentation flags given: the demo pipeline. Any --stage means plain training instead.
+    demo = config is None and model is None and data is None and resume is None and stage is None
+    cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
+                       save_every, overrides)
+    if keep_last is not None:
+        cfg.keep_last = keep_last
+    if skip_nonfinite is not None:
+        cfg.skip_nonfinite = skip_nonfinite
+    if stop_on_collapse:
+        cfg.stop_on_collapse = True
+    if dry_run:
+        _print_resolved(cfg)
+        return
+    if demo and cfg.model == "builtin:demo":
+        # No model, data or recipe given: the built-in demo (data -> SFT -> REDI -> held-out evaluation).
+        from redi.experiments.demo import run_demo
+
+        run_demo(cfg)
+        return
+    try:
         summary = run_train(cfg, resume=resume is not None, force=force)
-        typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")
+    except KeyboardInterrupt:
+        from redi.training.run_folder import stopped_note
+
+        raise Interrupted(stopped_note(Path(cfg.output))) from None
+    typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")
+
+
+def _print_resolved(cfg) -> None:
+    """--dry-run: the resolved config, as config.yaml will hold it, after the stage-2 objective line."""
+    import yaml
+
+    from redi.backend import default_backend
+    from redi.config import objective_line, resolved_dict, validate
+
+    validate(cfg)
+    if cfg.stage != "sft":
+        typer.echo(f"# {objective_line(cfg)}")
+    typer.echo(yaml.safe_dump(resolved_dict(cfg, cfg.backend or default_backend()), sort_keys=False), nl=False)

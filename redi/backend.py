@@ -12,11 +12,11 @@ import math
 import platform
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from redi.config import check_memory_options
+from redi.config import check_memory_options, compile_mode
 from redi.data import TokenizedSeq
 from redi.errors import UserError
 from redi.lora import spec_from_config
@@ -67,8 +67,10 @@ class Backend(Protocol):
     rank: int  # this process's rank; 0 without multi-process training. Only rank 0 writes files.
     world_size: int  # number of training processes; 1 without multi-process training
 
-    def load(self, model_path: str, *, precision: str, lm_head_chunk: int) -> None:
-        """Load an HF model folder as fp32 master weights; drops any optimizer."""
+    def load(self, model_path: str, *, precision: str, lm_head_chunk: int, model_config: dict | None = None) -> None:
+        """Load an HF model folder as fp32 master weights; drops any optimizer. ``model_config``: edits to the
+        model's config.json (``edit_model_config``), applied before the weights load and kept in every
+        checkpoint the backend saves; passed only when the run sets some (``model_edits``)."""
 
     def init_optimizer(self, *, weight_decay: float) -> None:
         """A fresh AdamW over the trainable weights (stage start), gradients zeroed."""
@@ -98,8 +100,10 @@ class Backend(Protocol):
         """Every rank's ``obj``, in rank order (``[obj]`` in one process). Collective."""
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
-        """Sampled completions (token ids, through the first ``eos_id``), ``batch_size`` prompts at a time."""
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Sample one completion per prompt, continuously batched over ``batch_size`` rows (a finished row
+        takes the next prompt); a row ends at ``eos_id``, any of ``stop_ids`` (included in its output) or
+        ``max_new_tokens``."""
 
     def num_parameters(self) -> int:
         """Parameter count of the loaded model."""
@@ -116,13 +120,38 @@ OPTION_KEYS = {"cpu": SPEED_KEYS + LORA_KEYS, "cuda": SPEED_KEYS + LORA_KEYS, "m
 
 
 def backend_options(cfg: Any, name: str) -> dict[str, Any]:
-    """The options of backend ``name`` taken from a ``Config``: the one route by which options reach a backend."""
+    """The options of backend ``name`` taken from a ``Config``: the one route by which options reach a backend
+    (``make_backend(name, seed, **backend_options(cfg, name))``)."""
     name = name or default_backend()
     if name not in OPTION_KEYS:
         raise UserError(f"unknown backend '{name}'; valid backends: {', '.join(OPTION_KEYS)}")
     options: dict[str, Any] = {key: getattr(cfg, key) for key in OPTION_KEYS[name] if key in SPEED_KEYS}
     options["lora"] = spec_from_config(cfg)
     return options
+
+
+def model_edits(cfg: Any) -> dict:
+    """``load``'s model_config keyword for a run config: present only when the run edits the model."""
+    return {"model_config": dict(cfg.model_config)} if cfg.model_config else {}
+
+
+def edit_model_config(config: dict, edits: dict | None, where: str) -> dict:
+    """A model's config.json with the run's ``model_config`` edits (any key the file has).
+
+    transformers 5 keeps ``rope_theta`` inside ``rope_parameters`` and mlx-lm reads the top-level key, so an
+    edit of a key found in either place is written to both places it exists (rope_theta to both always)."""
+    out = dict(config)
+    rope = dict(out["rope_parameters"]) if isinstance(out.get("rope_parameters"), dict) else None
+    for key, value in (edits or {}).items():
+        if key not in out and (rope is None or key not in rope):
+            raise UserError(f"model_config key '{key}' is not a key of {where}/config.json")
+        if key in out or key == "rope_theta":
+            out[key] = value
+        if rope is not None and (key in rope or key == "rope_theta"):
+            rope[key] = value
+    if rope is not None:
+        out["rope_parameters"] = rope
+    return out
 
 
 def _cuda_available() -> bool:
@@ -147,13 +176,19 @@ def default_backend() -> str:
 
 def apply_options(target: Any, options: dict[str, Any], backend: str) -> None:
     """Set the fields of a backend's options dataclass from its constructor's keyword arguments, refusing keys it
-    does not have; the memory keys are checked as the config checks them."""
+    does not have; the memory keys are checked and ``compile`` parsed as the config does."""
     fields = {f.name for f in dataclasses.fields(target)}
     for key, value in options.items():
         if key not in fields:
             raise UserError(f"unknown {backend} backend option '{key}'")
         setattr(target, key, value)
     check_memory_options(target.activation_checkpointing, target.optim_state_dtype)
+    target.compile = compile_mode(target.compile)
+
+
+def no_weight_decay(name: str, ndim: int) -> bool:
+    """HF Trainer's rule, which the authors' runs used: no weight decay on biases and norm weights."""
+    return ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
 def make_backend(name: str, seed: int = 0, **options: Any) -> Backend:

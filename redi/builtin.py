@@ -55,13 +55,19 @@ def _load_registrations() -> None:
                 raise
 
 
+def _registered(spec: str, registry: dict, kind: str) -> str:
+    """The NAME of ``builtin:NAME`` once the built-in tasks have registered; an unknown one is refused."""
+    _load_registrations()
+    name = spec[len(PREFIX):]
+    if name not in registry:
+        raise UserError(f"unknown built-in {kind} '{spec}'; choose one of: {', '.join(PREFIX + k for k in registry)}")
+    return name
+
+
 def materialise_model(spec: str, run_dir: Path, seed: int, task: dict) -> str:
     if not spec.startswith(PREFIX):
         return spec
-    _load_registrations()
-    name = spec[len(PREFIX):]
-    if name not in MODEL_SHAPES:
-        raise UserError(f"unknown built-in model '{spec}'; choose one of: {', '.join(PREFIX + k for k in MODEL_SHAPES)}")
+    name = _registered(spec, MODEL_SHAPES, "model")
     shape = MODEL_SHAPES[name]
     overrides = {k: v for k, v in task.get("model", {}).items() if k in TinyQwen2.__dataclass_fields__}
     if overrides:
@@ -75,10 +81,7 @@ def materialise_model(spec: str, run_dir: Path, seed: int, task: dict) -> str:
 def materialise_data(spec: str, run_dir: Path, seed: int, task: dict) -> str:
     if not spec.startswith(PREFIX):
         return spec
-    _load_registrations()
-    name = spec[len(PREFIX):]
-    if name not in DATA_BUILDERS:
-        raise UserError(f"unknown built-in data '{spec}'; choose one of: {', '.join(PREFIX + k for k in DATA_BUILDERS)}")
+    name = _registered(spec, DATA_BUILDERS, "data")
     out = run_dir / "builtin-data"
     out.mkdir(parents=True, exist_ok=True)
     DATA_BUILDERS[name](out, seed, task)

@@ -5,9 +5,9 @@ closest valid key suggested; wrong types and out-of-range values are refused wit
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -15,8 +15,9 @@ from typing import Any, get_type_hints
 import yaml
 
 from redi.errors import UserError
+from redi.layer_checkpointing import checkpointing_mode
 from redi.lora import spec_from_config
-from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES
+from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES, PAPER_DEFAULTS
 
 BACKENDS = ("cpu", "cuda", "mlx")
 STAGES = ("sft", "pairs", "both")
@@ -26,7 +27,7 @@ STAGES = ("sft", "pairs", "both")
 class StageConfig:
     """Optimisation settings of one stage. ``batch_size`` is global: sequences for SFT, pairs for stage 2."""
 
-    learning_rate: float = 1e-6
+    learning_rate: float | None = None  # None (stage 2): the objective's paper value (PAPER_DEFAULTS)
     batch_size: int = 32
     micro_batch_size: int = 1
     epochs: float = 1.0
@@ -38,6 +39,9 @@ class StageConfig:
     max_prompt_length: int = 0  # 0: no separate prompt limit
 
 
+REPORT_TARGETS = ("tensorboard", "wandb")  # report_to: the trackers redi.training.report_to can feed
+
+
 @dataclass
 class Config:
     model: str = "builtin:tiny"
@@ -46,9 +50,11 @@ class Config:
     backend: str = ""  # empty: cuda when available, mlx on Apple silicon, else cpu
     stage: str = "both"
     objective: str = "redi"
-    alpha: float = 0.8
-    beta: float = 0.0  # 0: the objective's paper default (DPO 0.001, SimPO 2.0)
-    gamma: float = 1.0
+    # None: the objective's paper value (redi.objectives.PAPER_DEFAULTS); keys an objective does not use stay
+    # unset and are left out of the run's config.yaml.
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
     seed: int = 42
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final model
     keep_last: int = 2
@@ -61,16 +67,15 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the adapter input (0, as every other dropout is off)
     lora_dora: bool = False  # DoRA instead of LoRA
     lora_targets: str = ""  # comma-separated block modules; empty: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-    log_every: int = 1
+    log_every: int = 10  # steps between plain progress lines when stdout is not a terminal
     skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient (skipped, logged)
     stop_on_collapse: bool = False
-    # Collapse alarm: both LogPS fall by collapse_drop nats/token and the update per unit lr grows
-    # collapse_growth-fold between the two halves of a collapse_window-step window, or both fall by
-    # collapse_severe_drop (calibrated on the demo; see redi/training/guards.py).
-    collapse_window: int = 20
+    # Collapse alarm (redi/training/guards.py): both LogPS, averaged over the last collapse_window steps,
+    # sit collapse_drop nats/token below and collapse_ratio times as far below zero as over the first
+    # collapse_window steps after warmup.
+    collapse_window: int = 10
     collapse_drop: float = 0.1
-    collapse_growth: float = 1.15
-    collapse_severe_drop: float = 1.0
+    collapse_ratio: float = 2.0
     on_malformed: str = "error"  # error | skip (skipped rows are counted and listed in data_report.json)
     # Trackers fed each step's metrics besides metrics.jsonl: tensorboard (<output>/tensorboard/), wandb.
     report_to: list[str] = field(default_factory=list)
@@ -79,18 +84,48 @@ class Config:
     # Backend speed and memory (docs/cuda.md, docs/mlx.md); which backend reads which: redi.backend.OPTION_KEYS.
     packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
     activation_checkpointing: str = "auto"  # none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)
-    compile: bool = False  # torch.compile the decoder layers (CUDA); FlexAttention is compiled regardless
+    compile: str = "false"  # false | true | auto (on where measured to pay: CUDA); FlexAttention compiles regardless
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's fused AdamW) or bf16 (4 bytes/param less)
     sft: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-5, batch_size=128, epochs=5, max_length=32768))
     pairs: StageConfig = field(default_factory=lambda: StageConfig(max_prompt_length=800))
+    # Edits to the model's config.json applied at load on every backend and written into every checkpoint,
+    # e.g. the paper's {rope_theta: 300000, max_position_embeddings: 32768} (redi-spec.md §10, pitfall 8).
+    model_config: dict = field(default_factory=dict)
     # Free-form section owned by the built-in demo task (problem generator, error model, evaluation).
     task: dict = field(default_factory=dict)
 
     def objective_params(self) -> dict[str, float]:
-        params = {"alpha": self.alpha, "gamma": self.gamma}
-        if self.beta > 0:
-            params["beta"] = self.beta
-        return {k: v for k, v in params.items() if k in OBJECTIVE_PARAMS.get(self.objective, {})}
+        """The hyperparameters the objective uses (after ``resolve_objective``: the values the run trains with)."""
+        return {k: getattr(self, k) for k in OBJECTIVE_PARAMS.get(self.objective, {}) if getattr(self, k) is not None}
+
+
+OBJECTIVE_KEYS = ("alpha", "beta", "gamma")
+
+
+def resolve_objective(cfg: Config) -> Config:
+    """Fill stage 2's unset learning rate and the objective's unset alpha/beta/gamma with the paper's values."""
+    paper = PAPER_DEFAULTS.get(cfg.objective, PAPER_DEFAULTS["redi"])
+    if cfg.pairs.learning_rate is None:
+        cfg.pairs.learning_rate = paper["learning_rate"]
+    if cfg.sft.learning_rate is None:
+        cfg.sft.learning_rate = 5e-5  # the paper's SFT (redi-spec.md §3.1)
+    if cfg.beta == 0:  # run folders before 0.2 wrote beta 0.0 for "the paper's value"
+        cfg.beta = None
+    for key in OBJECTIVE_KEYS:
+        if key in paper and getattr(cfg, key) is None:
+            setattr(cfg, key, paper[key])
+    return cfg
+
+
+def objective_line(cfg: Config) -> str:
+    """The run's stage-2 hyperparameters in one line, each marked where it differs from the paper's."""
+    paper = PAPER_DEFAULTS.get(cfg.objective, {})
+    values = {"lr": (cfg.pairs.learning_rate, paper.get("learning_rate"))}
+    values.update({k: (v, paper.get(k)) for k, v in cfg.objective_params().items()})
+    parts = [f"{k} {v:g}" + ("" if p is None or p == v else f" (paper: {p:g})") for k, (v, p) in values.items()]
+    if cfg.objective == "symmetric":
+        parts.append("alpha 1 (fixed)")
+    return f"objective {cfg.objective}: " + ", ".join(parts)
 
 
 def _leaf_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -115,6 +150,11 @@ def _unknown_key(key: str, where: str) -> UserError:
 
 
 def _coerce(key: str, raw: Any, target_type: Any, where: str) -> Any:
+    options = [t for t in getattr(target_type, "__args__", ()) if t is not type(None)]
+    if options and len(options) < len(target_type.__args__):  # Optional[X]: null or empty means unset
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "null", "none", "~")):
+            return None
+        target_type = options[0]
     if target_type is dict:
         if not isinstance(raw, dict):
             raise UserError(f"config key '{key}' in {where} must be a mapping, got {raw!r}")
@@ -151,6 +191,10 @@ def _coerce(key: str, raw: Any, target_type: Any, where: str) -> Any:
 
 def _set(cfg: Config, key: str, raw: Any, where: str) -> None:
     parts = key.split(".")
+    if len(parts) == 2 and parts[0] in ("model_config", "task"):  # one entry of a free-form mapping
+        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        getattr(cfg, parts[0])[parts[1]] = value
+        return
     target: Any = cfg
     for part in parts[:-1]:
         sub = getattr(target, part, None) if part in {f.name for f in dataclasses.fields(target)} else None
@@ -204,25 +248,30 @@ def load_config(path: str | Path | None) -> Config:
 
 
 def validate(cfg: Config) -> Config:
+    """Check every key and resolve the objective's unset hyperparameters (``resolve_objective``)."""
     if cfg.backend and cfg.backend not in BACKENDS:
         raise UserError(f"unknown backend '{cfg.backend}'; valid backends: {', '.join(BACKENDS)}")
     if cfg.stage not in STAGES:
         raise UserError(f"unknown stage '{cfg.stage}'; valid stages: {', '.join(STAGES)}")
     if cfg.objective not in PAIR_OBJECTIVES:
         raise UserError(f"unknown objective '{cfg.objective}'; valid objectives: {', '.join(PAIR_OBJECTIVES)}")
+    resolve_objective(cfg)
     if cfg.lora_rank < 0:
         raise UserError(f"config key 'lora_rank' is out of range: {cfg.lora_rank!r}")
     spec_from_config(cfg)  # lora_dora without a rank, lora_dropout out of range
     check_precision(cfg.precision, cfg.backend)
     if cfg.on_malformed not in ("error", "skip"):
         raise UserError(f"config key 'on_malformed' must be error or skip, got '{cfg.on_malformed}'")
-    if not 0.0 <= cfg.alpha <= 1.0:
+    if cfg.beta is not None and cfg.beta <= 0:
+        raise UserError(f"config key 'beta' must be positive, got {cfg.beta!r}")
+    if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
         import sys
 
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
     check_memory_options(cfg.activation_checkpointing, cfg.optim_state_dtype)
-    if cfg.collapse_window < 2:
-        raise UserError(f"config key 'collapse_window' must be at least 2, got {cfg.collapse_window}")
+    compile_mode(cfg.compile)
+    if cfg.collapse_window < 1:
+        raise UserError(f"config key 'collapse_window' must be at least 1, got {cfg.collapse_window}")
     for name in ("sft", "pairs"):
         s: StageConfig = getattr(cfg, name)
         checks = {
@@ -245,9 +294,15 @@ def validate(cfg: Config) -> Config:
                 f"config key '{name}.batch_size' ({s.batch_size}) must be a multiple of "
                 f"'{name}.micro_batch_size' ({s.micro_batch_size})"
             )
+    unknown = [t for t in cfg.report_to if t not in REPORT_TARGETS]
+    if unknown:
+        raise UserError(f"config key 'report_to': unknown target '{unknown[0]}'; choose from: {', '.join(REPORT_TARGETS)}")
+    if cfg.sft.max_prompt_length:
+        raise UserError("config key 'sft.max_prompt_length' does nothing: stage 1 keeps every prompt and right-"
+                        "truncates rows at sft.max_length; the prompt limit is pairs.max_prompt_length")
     for key in ("save_every", "keep_last", "lm_head_chunk", "log_every", "skip_nonfinite", "collapse_window",
-                "collapse_drop", "collapse_growth", "collapse_severe_drop"):
-        if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_growth") else 0):
+                "collapse_drop", "collapse_ratio"):
+        if getattr(cfg, key) < (1 if key in ("lm_head_chunk", "log_every", "collapse_ratio") else 0):
             raise UserError(f"config key '{key}' is out of range: {getattr(cfg, key)!r}")
     return cfg
 
@@ -267,30 +322,46 @@ def check_memory_options(activation_checkpointing: str, optim_state_dtype: str) 
         raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{optim_state_dtype}'")
 
 
-def checkpointing_mode(mode: str | int) -> tuple[str, float | None]:
-    """``activation_checkpointing`` parsed once for every backend: ("none"|"full"|"auto"|"count", value)."""
-    text = str(mode).strip().lower()
-    if text in ("none", "full", "auto"):
-        return text, None
-    if re.fullmatch(r"auto:\d+(\.\d+)?", text):
-        return "auto", float(text.split(":", 1)[1])
-    if text.isdigit():
-        return "count", float(text)
-    raise UserError(f"config key 'activation_checkpointing' must be none, full, auto, auto:GB or a number of "
-                    f"layers, got '{mode}'")
-
-
-def fixed_checkpoint_layers(mode: str | int, n_layers: int) -> int | None:
-    """Layers to recompute when the mode alone decides it; None for auto, where the backend plans."""
-    kind, value = checkpointing_mode(mode)
-    if kind == "auto":
-        return None
-    return {"none": 0, "full": n_layers}.get(kind, max(0, min(n_layers, int(value or 0))))
+def continued_sft_config(cfg: Config) -> Config:
+    """The control for extra training: SFT on the pairs' chosen traces with stage 2's exact settings. Same
+    examples, seed and batch size, hence the same batches in the same order as the pair run (the core's order
+    is a function of seed, step and example count); only the loss differs (no negatives). The caller points
+    ``data`` at the pairs (an SFT stage on a pairs file trains on its chosen traces)."""
+    control = copy.deepcopy(cfg)
+    control.stage = "sft"
+    control.sft = copy.deepcopy(cfg.pairs)
+    control.sft.max_prompt_length = 0  # a pairs-only setting
+    return control
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def dump(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def resolved_dict(cfg: Config, backend: str = "") -> dict:
+    """What config.yaml holds: the values the run uses, without the keys its objective does not use."""
+    data = to_dict(cfg)
+    if backend:
+        data["backend"] = backend
+    used = OBJECTIVE_PARAMS.get(cfg.objective, {}) if cfg.stage != "sft" else {}
+    for key in OBJECTIVE_KEYS:
+        if key not in used:
+            data.pop(key)
+    if cfg.stage == "sft":
+        data.pop("objective")
+    if not data["model_config"]:
+        data.pop("model_config")
+    return data
+
+
+def dump(cfg: Config, path: str | Path, backend: str = "") -> None:
+    Path(path).write_text(yaml.safe_dump(resolved_dict(cfg, backend), sort_keys=False))
+
+
+def compile_mode(value: str | bool) -> str:
+    """``compile`` parsed once for every backend: "false", "true" (every device) or "auto" (each backend
+    compiles where it measured a gain: the torch backend on CUDA, the MLX backend nowhere yet)."""
+    text = str(value).strip().lower()
+    if text in ("false", "true", "auto"):
+        return text
+    raise UserError(f"config key 'compile' must be false, true or auto, got '{value}'")

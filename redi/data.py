@@ -8,6 +8,7 @@ is appended once. The completion length L counts exactly the tokens that will be
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from redi.errors import UserError
+from redi.hub import locate
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -50,14 +52,19 @@ class DataReport:
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     malformed: list[str] = field(default_factory=list)
+    suspicious: dict[str, int] = field(default_factory=dict)  # kept rows worth a warning (empty_prompt, ...)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def flag(self, reason: str) -> None:
+        self.suspicious[reason] = self.suspicious.get(reason, 0) + 1
+
     def to_dict(self) -> dict:
         return {
             "source": self.source, "kind": self.kind, "rows": self.rows, "kept": self.kept,
-            "truncated": self.truncated, "dropped": self.dropped, "malformed": self.malformed[:100],
+            "truncated": self.truncated, "dropped": self.dropped, "suspicious": self.suspicious,
+            "malformed": self.malformed[:100],
         }
 
 
@@ -77,18 +84,19 @@ def resolve_sources(data: str, stage: str) -> Path | str:
                 if (p / f"pairs{suffix}").exists():
                     return p / f"pairs{suffix}"  # SFT on the chosen traces when no sft file exists
         raise UserError(f"data folder {p} has no {want}.parquet or {want}.jsonl")
-    if p.exists():
-        return p
-    if data.count("/") == 1 and not data.startswith((".", "/")):
-        return data  # a hub name; only reachable when online or cached
-    raise UserError(f"data path not found: {data}")
+    return locate(data, "dataset", "data path")
 
 
 def iter_rows(source: Path | str) -> Iterator[tuple[int, Any]]:
     """Yield (row number, row) from any supported source; a bad JSON line yields (n, ValueError)."""
     if isinstance(source, Path) and source.suffix in (".jsonl", ".json") and source.is_file():
-        with source.open("r", encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
+        with source.open("rb") as fh:  # bytes, so one bad byte is one malformed row, not a crash
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield n, ValueError(f"not UTF-8 (byte {err.start + 1} of the line)")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -186,6 +194,7 @@ class Encoder:
         self.system_prompt = system_prompt
         self.source = source
         self.eos = tokenizer.eos_token_id
+        self.ignored_system_prompt = False  # set once string rows met a system_prompt (warned once)
         if self.eos is None:
             raise UserError(f"tokenizer at {source} has no eos_token; set one in tokenizer_config.json")
 
@@ -198,6 +207,11 @@ class Encoder:
 
     def texts(self, prompt: Any, completion: Any) -> tuple[str, str]:
         if isinstance(prompt, str) and isinstance(completion, str):
+            if self.system_prompt and not self.ignored_system_prompt:
+                self.ignored_system_prompt = True
+                print("warning: system_prompt is set but the rows are plain strings, which skip the chat "
+                      "template: it is ignored (use message rows to get it; see the README's data formats)",
+                      file=sys.stderr)
             return prompt, completion
         msgs = list(prompt)
         if self.system_prompt and msgs and msgs[0]["role"] != "system":
@@ -257,6 +271,17 @@ def _parse_chunk(chunk: list[tuple[int, Any]], report: DataReport, on_malformed:
     return parsed
 
 
+def _check_tokenizer_covers(report: DataReport, encoder: Encoder) -> None:
+    """Most rows turning into no tokens means the tokenizer cannot read this text: stop, naming it."""
+    empty = report.dropped.get("no_completion_tokens", 0)
+    if empty and empty * 2 > report.rows:
+        raise UserError(
+            f"the tokenizer at {encoder.source} turns {empty} of {report.rows} rows of {report.source} into no "
+            f"completion tokens: its vocabulary does not cover this text (transformers loads any tokenizer beside "
+            f"a qwen2 config as Qwen2Tokenizer); use the model's own tokenizer"
+        )
+
+
 def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed: str = "error"
              ) -> tuple[list[TokenizedSeq], DataReport]:
     """SFT examples; rows longer than max_length are right-truncated (and counted), as the authors did."""
@@ -269,6 +294,11 @@ def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed
         prompts = encoder.encode_many([t[1] for t in texts])
         completions = encoder.encode_many([t[2] for t in texts])
         for (n, _, _), p_ids, c_ids in zip(texts, prompts, completions):
+            if not c_ids:
+                report.drop("no_completion_tokens")
+                continue
+            if not p_ids:
+                report.flag("empty_prompt")
             seq = encoder.finish(p_ids, c_ids, n)
             if len(seq.prompt) >= max_length:
                 report.drop("prompt_too_long")
@@ -278,6 +308,7 @@ def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed
                 report.truncated += 1
             out.append(seq)
     report.kept = len(out)
+    _check_tokenizer_covers(report, encoder)
     return out, report
 
 
@@ -296,8 +327,15 @@ def load_pairs(source: Path | str, encoder: Encoder, max_length: int, max_prompt
         prompts = encoder.encode_many([t[1] for t in texts])
         chosens = encoder.encode_many([t[2] for t in texts])
         rejecteds = encoder.encode_many([t[3] for t in texts])
-        for (n, *_), p_ids, c_ids, r_ids in zip(texts, prompts, chosens, rejecteds):
+        for (n, _, c_text, r_text), p_ids, c_ids, r_ids in zip(texts, prompts, chosens, rejecteds):
+            if not c_ids or not r_ids:
+                report.drop("no_completion_tokens")
+                continue
             pair = TokenizedPair(encoder.finish(p_ids, c_ids, n), encoder.finish(p_ids, r_ids, n), n)
+            if not p_ids:
+                report.flag("empty_prompt")
+            if c_text == r_text:
+                report.flag("chosen_equals_rejected")
             if max_prompt_length and len(pair.chosen.prompt) > max_prompt_length:
                 report.drop("prompt_too_long")
             elif pair.length > max_length:
@@ -305,4 +343,5 @@ def load_pairs(source: Path | str, encoder: Encoder, max_length: int, max_prompt
             else:
                 out.append(pair)
     report.kept = len(out)
+    _check_tokenizer_covers(report, encoder)
     return out, report

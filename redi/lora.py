@@ -54,22 +54,15 @@ def parse_targets(raw: str) -> tuple[str, ...]:
     return names or DEFAULT_TARGETS
 
 
-def lora_spec(rank: int = 0, scale: float = 20.0, dropout: float = 0.0, dora: bool = False,
-              targets: str = "") -> LoraSpec | None:
-    """The LoRA settings from the config keys ``lora_*``, or None for full fine-tuning (``lora_rank`` 0)."""
-    if rank < 0:
-        raise UserError(f"config key 'lora_rank' is out of range: {rank!r}")
-    if rank == 0:
-        if dora:
+def spec_from_config(cfg) -> LoraSpec | None:
+    """The run's LoRA settings, or None for full fine-tuning (``lora_rank`` 0)."""
+    if cfg.lora_rank <= 0:
+        if cfg.lora_dora:
             raise UserError("config key 'lora_dora' needs lora_rank > 0")
         return None
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"config key 'lora_dropout' is out of range [0, 1): {dropout!r}")
-    return LoraSpec(rank, scale, dropout, dora, parse_targets(targets))
-
-
-def spec_from_config(cfg) -> LoraSpec | None:
-    return lora_spec(cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_dora, cfg.lora_targets)
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise UserError(f"config key 'lora_dropout' is out of range [0, 1): {cfg.lora_dropout!r}")
+    return LoraSpec(cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_dora, parse_targets(cfg.lora_targets))
 
 
 def initial_a(seed: int, module: str, in_features: int, rank: int) -> np.ndarray:

@@ -119,17 +119,22 @@ class Objective:
         return self.fn(ops, stats, **self.params)
 
 
-# Hyperparameter names each objective accepts, with the paper's defaults (redi-spec.md §3.3).
-OBJECTIVE_PARAMS: dict[str, dict[str, float]] = {
-    "redi": {"alpha": 0.8},
-    "symmetric": {},
-    "dpo": {"beta": 0.001},
-    "simpo": {"beta": 2.0, "gamma": 1.0},
-    "orpo": {"beta": 0.1},  # beta is ORPO's lambda (TRL's ORPOConfig.beta)
+# The one place for per-objective defaults: the paper's chosen hyperparameters for each objective
+# (redi-spec.md §3.3, Table 2: REDI alpha 0.8 lr 1e-6; symmetric REDI, i.e. alpha 1, lr 2e-7; DPO beta 0.001
+# lr 2e-7; SimPO beta 2, gamma 1, lr 5e-7). A run takes them for every key its config leaves unset.
+PAPER_DEFAULTS: dict[str, dict[str, float]] = {
+    "redi": {"learning_rate": 1e-6, "alpha": 0.8},
+    "symmetric": {"learning_rate": 2e-7},
+    "dpo": {"learning_rate": 2e-7, "beta": 0.001},
+    "simpo": {"learning_rate": 5e-7, "beta": 2.0, "gamma": 1.0},
 }
+# Hyperparameter names each objective accepts (symmetric's alpha is fixed at 1), with the paper's values.
+OBJECTIVE_PARAMS: dict[str, dict[str, float]] = {
+    name: {k: v for k, v in values.items() if k != "learning_rate"} for name, values in PAPER_DEFAULTS.items()
+}
+# Objectives outside the paper: TRL's defaults (stage 2's learning rate falls back to REDI's 1e-6, also TRL's).
+OBJECTIVE_PARAMS["orpo"] = {"beta": 0.1}  # beta is ORPO's lambda (TRL's ORPOConfig.beta)
 _FUNCTIONS = {"redi": redi_loss, "symmetric": symmetric_loss, "dpo": dpo_loss, "simpo": simpo_loss, "orpo": orpo_loss}
-# The learning rate the paper pairs with each objective's defaults.
-PAPER_LEARNING_RATES = {"redi": 1e-6, "symmetric": 2e-7, "dpo": 2e-7, "simpo": 5e-7}
 PAIR_OBJECTIVES = tuple(_FUNCTIONS)
 
 

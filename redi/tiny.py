@@ -167,3 +167,25 @@ def build_model(
     )
     save_file(random_qwen2_weights(shape, vocab_size, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def force_token(model_dir, token: str) -> int:
+    """Rewrite a tiny model's weights so that it emits ``token`` at every step, whatever the prompt: no layer
+    writes to the residual stream, every embedding is the same positive vector, and only ``token``'s output
+    row is non-zero. Returns the token's id."""
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir) / "model.safetensors"
+    weights = load_file(str(path))
+    token_id = AutoTokenizer.from_pretrained(str(model_dir)).convert_tokens_to_ids(token)
+    for name, value in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = np.zeros_like(value)
+    weights["model.norm.weight"] = np.ones_like(weights["model.norm.weight"])
+    weights["model.embed_tokens.weight"] = np.ones_like(weights["model.embed_tokens.weight"])
+    head = np.zeros_like(weights["lm_head.weight"])
+    head[token_id] = 10.0
+    weights["lm_head.weight"] = head
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return token_id

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of the torch backend: run from the repo root on a machine with an NVIDIA GPU.
 #
-#   scripts/gpu_check.sh [all|tests|bench4k|bench16k]...      (default: all = tests bench4k bench16k; cpugates on demand)
+#   scripts/gpu_check.sh [all|tests|bench4k|bench16k|evalnative]...  (default: all = tests bench4k bench16k
+#                                                                     evalnative; cpugates on demand)
 #
 # 1. installs the wheels carried in .whl/ (trl, datasets and their missing dependencies) into /tmp/site,
 #    and this repo (editable, no dependencies; a symlink fallback if pip cannot build it offline);
@@ -9,6 +10,8 @@
 #    transformers (packing, log-probs, 2-process gloo/FSDP2);
 # 3. bench4k / bench16k: scripts/bench.py --with-trl at max length 4,096 and 16,384 (trl_baseline.py is
 #    looked up in .whl/, shared/tools/ or ../shared/tools/, or $REDI_TRL_BASELINE), plus the longest pair.
+# 4. evalnative (issue 13): scripts/bench_eval.py, the native eval engine on a random Qwen2.5-1.5B shape
+#    (a 90-token vocabulary: the real model's 151,936-row LM head is not in this number).
 # Everything is written under $OUT (default ./gpu-out): gpu_check.log, env.txt, cuda_tests.log,
 # bench-4096.{md,json}, bench-16384.{md,json}. Each phase has its own time limit, so a slow phase cannot
 # eat the others; the default run took 324 s on one H200 (2026-11-27).
@@ -104,4 +107,15 @@ if want bench16k; then
     log "bench 16k exit $?"
 fi
 for f in "$OUT"/bench-*.md; do [ -e "$f" ] && { echo; cat "$f"; } | tee -a "$LOG"; done
+# ------------------------------------------------ eval engine (issue 13; separate from the training benches)
+# The native engine on a random-init Qwen2.5-1.5B shape: 64 prompts x 4 samples x up to 4,096 new tokens,
+# bf16 on the GPU, continuous batching over 256 rows. vLLM is not on the GPU image (its wheel is far over what
+# can be carried there), so its side of the README's H200 estimate is a cited number (docs/evaluation.md).
+if want evalnative; then
+    log "eval engine: native on qwen2.5-1.5b shape"
+    EVAL_ARGS="--engines native --backend cuda --shapes qwen2.5-1.5b --prompts 64 --samples 4 --max-new-tokens 4096 --batch-size 256 --repeats 1"
+    [ -n "$SMOKE" ] && EVAL_ARGS="--engines native --backend cpu --shapes tiny --prompts 4 --samples 2 --max-new-tokens 16 --repeats 1"
+    timeout ${T_EVAL:-300} $PY scripts/bench_eval.py $EVAL_ARGS 2>&1 | tee "$OUT/bench-eval-native.txt" >>"$LOG"
+    log "eval engine exit ${PIPESTATUS[0]}"
+fi
 log "done"

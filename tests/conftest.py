@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from redi.tiny import TinyQwen2, build_model  # noqa: E402
+from redi.tiny import TinyQwen2, build_model, force_token  # noqa: E402
 
 # A non-trivial init: norm weights away from 1 and larger projections, so RoPE, masking and
 # off-by-one errors show up as large log-prob differences instead of hiding near a uniform model.
@@ -26,3 +26,11 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def im_end_model_dir(tmp_path_factory) -> str:
+    """A tiny model that always says <|im_end|> (not its EOS, <|endoftext|>)."""
+    path = build_model(tmp_path_factory.mktemp("im-end-model"), shape=PARITY_SHAPE, seed=5)
+    force_token(path, "<|im_end|>")
+    return str(path)

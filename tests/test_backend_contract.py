@@ -109,7 +109,7 @@ def test_config_options_reach_the_backend_through_its_constructor(name):
     assert options["lora"] is None
     backend = make_backend(name, 0, **options)
     assert (backend.options.activation_checkpointing, backend.options.optim_state_dtype) == ("1", "bf16")
-    assert backend.options.compile is True and backend.options.packing is False
+    assert backend.options.compile in (True, "true") and backend.options.packing is False
 
 
 @pytest.mark.parametrize("name", ["cpu", "mlx"])
@@ -117,6 +117,12 @@ def test_lora_keys_reach_the_backend_as_one_spec(name):
     pytest.importorskip("peft" if name == "cpu" else "mlx.core")
     backend = make_backend(name, 0, **backend_options(Config(lora_rank=8, lora_scale=4.0, lora_dora=True), name))
     assert (backend.lora.rank, backend.lora.scale, backend.lora.dora) == (8, 4.0, True)
+
+
+def test_an_unknown_option_is_one_user_error():
+    pytest.importorskip("torch")
+    with pytest.raises(UserError, match="unknown torch backend option 'pakcing'"):
+        make_backend("cpu", 0, pakcing=False)
 
 
 def test_no_probe_on_a_backend_in_the_core():

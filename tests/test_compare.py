@@ -49,15 +49,19 @@ def test_compare_table_matches_arm_files(tmp_path):
         evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
         assert [e["step"] for e in evals] == [0, 2, 4]
         final, peak = evals[-1], max(evals, key=lambda e: e["accuracy"])
-        assert rows[arm]["final accuracy"] == f"{100 * final['accuracy']:.1f} ± {100 * final['sem']:.1f}"
-        assert rows[arm]["peak accuracy"] == f"{100 * peak['accuracy']:.1f} ± {100 * peak['sem']:.1f}"
-        assert rows[arm]["peak step"] == str(peak["step"])
-        assert rows[arm]["max update norm"] == f"{max(m['update_norm'] for m in metrics):.4f}"
+        # compare.csv holds numbers: accuracy in %, the SEM (one seed) and the std over seeds in their own columns
+        assert float(rows[arm]["final_accuracy"]) == pytest.approx(100 * final["accuracy"], abs=0.005)
+        assert float(rows[arm]["final_accuracy_sem"]) == pytest.approx(100 * final["sem"], abs=0.005)
+        assert rows[arm]["final_accuracy_std"] == ""
+        assert float(rows[arm]["peak_accuracy"]) == pytest.approx(100 * peak["accuracy"], abs=0.005)
+        assert rows[arm]["peak_step"] == str(peak["step"])
+        assert float(rows[arm]["max_update_norm"]) == pytest.approx(max(m["update_norm"] for m in metrics), abs=1e-5)
         if arm != "control":
-            assert rows[arm]["final chosen LogPS"] == f"{metrics[-1]['logps/chosen_normalized']:.3f}"
-            assert rows[arm]["final rejected LogPS"] == f"{metrics[-1]['logps/rejected_normalized']:.3f}"
+            assert float(rows[arm]["final_chosen_logps"]) == pytest.approx(metrics[-1]["logps/chosen_normalized"], abs=1e-5)
+            assert float(rows[arm]["final_rejected_logps"]) == pytest.approx(metrics[-1]["logps/rejected_normalized"], abs=1e-5)
         # every arm starts from the same SFT checkpoint and sees the same batches
-        assert evals[0]["accuracy"] == json.loads((out / "sft_eval.json").read_text())["accuracy"]
+        start_eval = next((out / "start" / "sft").glob("eval-*.json"))
+        assert evals[0]["accuracy"] == json.loads(start_eval.read_text())["accuracy"]
     md = (out / "compare.md").read_text()
     assert all(f"| {arm} |" in md for arm in rows)
     for name in ("accuracy", "chosen_logps", "rejected_logps", "update_norm"):
@@ -87,8 +91,9 @@ def test_seeds_give_mean_and_std_over_seeds(tmp_path):
     for arm in rows:
         finals = [json.loads((out / "arms" / arm / f"seed-{k}" / "arm_result.json").read_text())["final_accuracy"]
                   for k in (0, 1)]
-        want = f"{100 * np.mean(finals):.1f} ± {100 * np.std(finals, ddof=1):.1f}"
-        assert rows[arm]["seeds"] == "2" and rows[arm]["final accuracy"] == want
+        assert rows[arm]["seeds"] == "2"
+        assert float(rows[arm]["final_accuracy"]) == pytest.approx(100 * np.mean(finals), abs=0.005)
+        assert float(rows[arm]["final_accuracy_std"]) == pytest.approx(100 * np.std(finals, ddof=1), abs=0.005)
     # the two seeds of an arm saw different batch orders: their first losses differ
     first = [json.loads((out / "arms" / "redi" / f"seed-{k}" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
              for k in (0, 1)]
@@ -104,10 +109,110 @@ def test_compare_runs_on_mlx(tmp_path):
     for arm in rows:
         result = json.loads((out / "arms" / arm / "seed-0" / "arm_result.json").read_text())
         assert yaml_backend(out / "arms" / arm / "seed-0" / "config.yaml") == "mlx"
-        assert rows[arm]["final accuracy"] == f"{100 * result['final_accuracy']:.1f} ± {100 * result['final_sem']:.1f}"
+        assert float(rows[arm]["final_accuracy"]) == pytest.approx(100 * result["final_accuracy"], abs=0.005)
 
 
 def yaml_backend(path: Path) -> str:
     import yaml
 
     return yaml.safe_load(path.read_text())["backend"]
+
+
+def _bench(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"problem": f"{a}+{a}=?", "answer": str(2 * a)}) + "\n" for a in range(n)))
+    return path
+
+
+def test_user_sft_folder_is_only_read_and_eval_cache_follows_settings(tmp_path):
+    """Regression: compare wrote its evaluation cache into the user's SFT folder (<sft>/../eval-final) and
+    reused it whatever the evaluation settings. Now every file is under --output, keyed by the settings."""
+    from redi.tiny import build_model
+
+    user = build_model(tmp_path / "user-sft" / "final", seed=1)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "user-sft").rglob("*")}
+    bench = _bench(tmp_path / "heldout.jsonl", 4)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+recipe: {TINY}
+eval_every: 2
+sft_checkpoints: {{mine: {user}}}
+overrides: {{backend: cpu, pairs: {{max_steps: 2, batch_size: 8, micro_batch_size: 8}}}}
+eval: {{benchmarks: [{bench}], samples: 2, max_new_tokens: 4, template: raw, workers: 1}}
+arms:
+  - {{name: redi, objective: redi, learning_rate: 1.0e-3}}
+""")
+    out = tmp_path / "C"
+    run_compare(grid, out)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "user-sft").rglob("*")} == before
+    first = list((out / "start" / "mine").glob("eval-*/samples.jsonl"))
+    assert len(first) == 1 and len(first[0].read_text().splitlines()) == 4 * 2
+    metrics = out / "arms" / "redi" / "seed-0" / "metrics.jsonl"
+    stamp = metrics.stat().st_mtime_ns
+    run_compare(grid, out, sets=["eval.samples=3"])  # new settings: new samples, the trained arm is kept
+    caches = sorted((out / "start" / "mine").glob("eval-*/samples.jsonl"))
+    assert len(caches) == 2 and sorted(len(c.read_text().splitlines()) for c in caches) == [8, 12]
+    assert metrics.stat().st_mtime_ns == stamp
+    evals = [json.loads(x) for x in (out / "arms" / "redi" / "seed-0" / "evals.jsonl").read_text().splitlines()]
+    assert all(e["samples"] == 3 for e in evals)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "user-sft").rglob("*")} == before
+
+
+PAPER_GRID = Path(__file__).resolve().parents[1] / "configs" / "paper" / "compare.yaml"
+
+
+def test_paper_grid_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """configs/paper/compare.yaml itself, with --set overrides down to tiny models, pairs and a 5-problem set."""
+    import io
+
+    import yaml
+    from rich.console import Console
+
+    from redi.tiny import build_model
+
+    sft3, sft5 = build_model(tmp_path / "sft-3ep", seed=1), build_model(tmp_path / "sft-5ep", seed=2)
+    bench = _bench(tmp_path / "math500.jsonl", 5)
+    sets = [f"sft_checkpoints.sft-3ep.path={sft3}", f"sft_checkpoints.sft-5ep.path={sft5}", "data=builtin:tiny",
+            "backend=cpu", "pairs.max_steps=2", "pairs.batch_size=8", "pairs.micro_batch_size=8",
+            "pairs.max_length=256", "pairs.max_prompt_length=128", "eval_every=2", f"eval.benchmarks=[{bench}]",
+            "eval.samples=1", "eval.max_new_tokens=4", "eval.workers=1", "task.problems=16", "system_prompt="]
+    printed = io.StringIO()
+    out = tmp_path / "C"
+    run_compare(PAPER_GRID, out, console=Console(file=printed, width=80), sets=sets)
+    rows = _rows(out)
+    assert list(rows) == ["redi", "symmetric", "dpo", "simpo", "continued-sft", "redi-5ep"]
+    grid = yaml.safe_load(PAPER_GRID.read_text())
+    for arm in grid["arms"]:
+        row, run = rows[arm["name"]], out / "arms" / arm["name"] / "seed-0"
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["model"] == str(sft5 if arm["start"] == "sft-5ep" else sft3) and row["start"] == arm["start"]
+        stage = "sft" if arm["objective"] == "sft" else "pairs"
+        assert cfg[stage]["learning_rate"] == arm["learning_rate"] == float(row["learning_rate"])
+        for key in ("alpha", "beta", "gamma"):
+            assert cfg.get(key) == arm.get(key)  # keys the objective does not use are left out
+        # the paper's numbers beside the run's, per benchmark (this file is named math500) and on average
+        assert row["paper_avg"] == (str(arm["paper"]["avg"]) if "paper" in arm else "")
+        assert row["paper_math500"] == (str(arm["paper"]["math500"]) if "paper" in arm else "")
+        assert [json.loads(x)["step"] for x in (run / "evals.jsonl").read_text().splitlines()] == [0, 2]
+    md = (out / "compare.md").read_text()
+    assert "| redi-5ep | sft-5ep | redi |" in md and " | 49.5 | " in md and "| sft-3ep (start) | " in md
+    assert "(83.1)" in md and "(76.7)" in md  # per benchmark: Table 1's REDI and Table 2's SFT-3ep start
+    text = printed.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for word in ("continued-sft", "redi-5ep", "collapse", "paper", "(83.1)"):
+        assert word in text  # whole words: nothing folded at 80 columns
+    for plot in ("accuracy", "chosen_logps", "rejected_logps", "update_norm"):
+        assert (out / "plots" / f"{plot}.png").exists()
+
+
+def test_step_axes_have_integer_ticks_and_accuracy_none_below_zero():
+    import matplotlib.pyplot as plt
+
+    from redi.experiments.plots import _label
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [0.0, 0.0, 0.0])
+    _label(ax, xlabel="optimizer step", ylabel="accuracy (%)", title="", nonnegative=True)
+    lo, hi = ax.get_xlim()
+    assert all(float(t).is_integer() for t in ax.get_xticks() if lo <= t <= hi)
+    assert ax.get_ylim()[0] >= 0 and min(t for t in ax.get_yticks() if t >= ax.get_ylim()[0]) >= 0
+    plt.close(fig)

@@ -65,13 +65,13 @@ def test_default_rules_reproduce_the_paper(tmp_path):
     assert (report["sft_problems"], report["sft_rows"], report["pairs"]) == (8, 8, 7)
     assert report["null_labels"] == 1
     malformed = {entry["row"]: entry for entry in report["malformed"]}
-    assert sorted(malformed) == [7, 8, 9, 10, 11, 16]
-    assert malformed[7]["id"] == "r07" and "1 labels for 2 generations" in malformed[7]["reason"]
-    assert malformed[8]["reason"] == "empty generations"
-    assert malformed[9]["reason"].startswith("line 10: not JSON")
-    assert malformed[10]["reason"] == "missing field generations"
-    assert malformed[11]["reason"] == "missing field correctness"
-    assert "str label" in malformed[16]["reason"]
+    assert sorted(malformed) == [8, 9, 10, 11, 12, 17]  # 1-based, as `redi train` counts rows
+    assert malformed[8]["id"] == "r07" and "1 labels for 2 generations" in malformed[8]["reason"]
+    assert malformed[9]["reason"] == "empty generations"
+    assert malformed[10]["reason"].startswith("line 10: not JSON")
+    assert malformed[11]["reason"] == "missing field generations"
+    assert malformed[12]["reason"] == "missing field correctness"
+    assert "str label" in malformed[17]["reason"]
 
 
 def test_trace_texts_and_prompt_are_the_rows_own(tmp_path):
@@ -102,7 +102,7 @@ def test_correct_if_variants(tmp_path, rule, sft, pairs):
     assert got_sft == sft
     assert got_pairs == pairs
     # Only the labels a rule reads can make a row malformed: r07's short llama list, r16's string llama label.
-    expected_malformed = [8, 9, 10, 11] if rule == "math-verify" else [7, 8, 9, 10, 11, 16]
+    expected_malformed = [9, 10, 11, 12] if rule == "math-verify" else [8, 9, 10, 11, 12, 17]
     assert [m["row"] for m in report["malformed"]] == expected_malformed
 
 
@@ -121,7 +121,7 @@ def test_decontamination_removes_and_reports(tmp_path):
     assert "r06" in sft  # shares fewer than 8 words with the second benchmark problem
     assert report["rows_dropped"]["contaminated"] == 1
     [entry] = report["contaminated"]
-    assert entry["row"] == 15 and entry["id"] == "r15" and entry["benchmark"] == str(BENCH)
+    assert entry["row"] == 16 and entry["id"] == "r15" and entry["benchmark"] == str(BENCH)
     assert entry["ngram"] == "ab = 13, bc = 14 and ca"  # lower-cased, whitespace-normalised word 8-gram
     assert report["contaminated_per_benchmark"] == {str(BENCH): 1}
 
@@ -220,10 +220,10 @@ def test_reruns_and_worker_processes_give_identical_bytes(tmp_path, monkeypatch)
 
 
 def test_count_lines_skips_blank_lines_like_the_reader():
-    from redi.pairing.decode import count_lines, decode_task
+    from redi.pairing.decode import JsonlBlock, count_lines, decode_task
 
     for block in (b"", b"{}\n", b"{}", b"\n{}\n \n\r\n{}", b"  \n{}\r\n\t\n{}\n", b"{}\n\n\n", b" "):
-        rows = decode_task(("jsonl-block", block, 0, 1, ""), None)
+        rows = decode_task(JsonlBlock(block, 0, 1, ""), None)
         assert count_lines(block)[0] == len(rows), block
 
 
@@ -244,7 +244,7 @@ def test_output_loads_with_datasets_and_jsonl_format(tmp_path):
 
     # Same folder in jsonl: the parquet files go (redi train would prefer them), the rows are the same.
     out = tmp_path / "out"
-    pair_dataset(str(RAW), out, PairOptions(shuffle_seed=None, workers=0, output_format="jsonl"))
+    pair_dataset(str(RAW), out, PairOptions(shuffle_seed=None, workers=0, output_format="jsonl"), force=True)
     assert not (out / "sft.parquet").exists() and not (out / "pairs.parquet").exists()
     lines = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert [(r["problem_id"], r["chosen_index"], r["rejected_index"]) for r in lines][:2] == [("r00", 2, 0),
@@ -358,7 +358,7 @@ def cli(*args) -> int:
 def test_cli_writes_the_folder_and_prints_the_table(tmp_path, capsys):
     assert cli(RAW, "--output", tmp_path / "out", "--shuffle-seed", "none", "--workers", "0") == 0
     out = capsys.readouterr().out
-    assert "rows read" in out and "pairs" in out and "malformed row 9: line 10: not JSON" in out
+    assert "rows read" in out and "pairs" in out and "malformed row 10: line 10: not JSON" in out
     assert json.loads((tmp_path / "out" / "report.json").read_text())["pairs"] == 7
     # --exclude-source replaces the default list; 'none' keeps every source (r03 is cn_k12).
     assert cli(RAW, "-o", tmp_path / "all", "--exclude-source", "none", "--workers", "0") == 0

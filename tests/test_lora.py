@@ -71,10 +71,10 @@ def _hf_logits(path: Path, ids: np.ndarray = IDS) -> np.ndarray:
 
 
 def _train(out: Path, model: str, stage: str, name: str, kind: str):
-    from redi.backend import backend_options, make_backend
+    from redi.backend import make_backend
 
     cfg = _cfg(out, model, stage, "cpu" if name == "torch" else "mlx", kind)
-    backend = make_backend(cfg.backend, cfg.seed, **backend_options(cfg, cfg.backend))  # lora=LoraSpec(...)
+    backend = make_backend(cfg.backend, cfg.seed, lora=spec_from_config(cfg))
     train(cfg, backend=backend)
     return backend
 

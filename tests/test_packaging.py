@@ -35,6 +35,9 @@ def test_wheel_installs_namespace_only(tmp_path):
     assert tops == {"redi"}, tops
     assert "redi/backends/torch_cuda/backend.py" in names and "redi/cli/main.py" in names
     assert "redi/configs/paper/redi.yaml" in names
+    # The paper's five benchmark files are package data (redi eval --benchmark math500 works offline).
+    for name in ("math", "aime", "amc", "minerva", "olympiad_bench"):
+        assert f"redi/evaluation/benchmarks/{name}.json" in names, name
     site = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                           capture_output=True, text=True)

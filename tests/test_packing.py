@@ -222,7 +222,7 @@ def test_checkpoint_plan_fits_budget():
     mm = layers.MemoryModel(hidden=1536, kv=256, intermediate=8960, layers=28)
     none, full = mm.activation_bytes(16384, 0), mm.activation_bytes(16384, 28)
     assert full < none / 10
-    from redi.config import checkpointing_mode, fixed_checkpoint_layers
+    from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers
     from redi.errors import UserError
 
     assert checkpointing_mode("auto:24") == ("auto", 24.0) and checkpointing_mode("7") == ("count", 7)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from redi.config import apply_overrides, load_config
+from redi.config import apply_overrides, load_config, validate
 from redi.errors import UserError
 from redi.training.report_to import FanOut, check_report_to
 
@@ -51,9 +51,10 @@ def test_wandb_offline_writes_its_run_files_with_the_logged_keys(tmp_path, monke
         assert key.encode() in data, key
 
 
-def test_report_to_names_are_checked_before_training():
+def test_report_to_is_checked_before_training():
     with pytest.raises(UserError, match="unknown target 'tensorbord'"):
-        check_report_to(["tensorbord"])
+        validate(apply_overrides(load_config(TINY), ["report_to=tensorboard,tensorbord"]))
+    check_report_to(["tensorboard", "wandb"])  # both installed with the test extra
 
 
 def test_report_to_from_the_command_line_is_a_list():

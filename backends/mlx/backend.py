@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -20,7 +20,8 @@ from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
 from redi.backend import MicroBatch, apply_options
-from redi.config import check_precision, checkpointing_mode
+from redi.config import check_precision
+from redi.layer_checkpointing import checkpointing_mode
 from redi.errors import UserError
 from redi.lora import ADAPTER_DIR, LoraSpec
 
@@ -59,7 +60,7 @@ class MLXOptions:
 
     packing: bool = True  # accepted for the shared config; MLX always runs right-padded, 32-rounded batches
     activation_checkpointing: str = "auto"  # none | full | N | auto | auto:GB (auto plans on Apple GPUs only)
-    compile: bool = False  # mx.compile the log-prob graph; bit-identical, no gain measured with varying shapes
+    compile: bool | str = False  # mx.compile the log-prob graph; bit-identical, no gain measured (auto: off)
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32, or bf16 (as the torch backend's option)
 
 
@@ -71,6 +72,7 @@ class MLXBackend:
         self.lora = lora  # LoRA/DoRA adapters over a frozen base (mlx-lm's tuner; conventions in redi/lora.py)
         self.options = MLXOptions()
         apply_options(self.options, options, "mlx")
+        self.options.compile = self.options.compile == "true"  # auto: no gain measured on MLX yet
         self.rank, self.world_size = 0, 1  # one process: MLX has no multi-process training here
         self.model: Any = None
         self.optimizer: AdamW | None = None
@@ -78,13 +80,14 @@ class MLXBackend:
 
     # ------------------------------------------------------------------ loading and saving
 
-    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
+    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024,
+             model_config: dict | None = None) -> None:
         check_precision(precision, self.name)
         # auto is fp32 here: MLX has no autocast, and bf16 pays off only on Apple GPUs.
         self.compute_dtype = mx.bfloat16 if precision == "bf16" else mx.float32
         self.lm_head_chunk = lm_head_chunk
         mx.random.seed(self.seed)
-        self.model, self.config, self.source = io.load_model(model_path)
+        self.model, self.config, self.source = io.load_model(model_path, model_config)
         self.model.eval()  # dropout off, as TRL's disable_dropout does for the torch backend
         self._check_head()
         if self.lora:
@@ -133,7 +136,8 @@ class MLXBackend:
             mlx_lora.save_adapter(self.model, self.lora, Path(path) / ADAPTER_DIR, str(self.source))
 
     def save_checkpoint(self, path: str | None) -> None:
-        """The model folder (LoRA: the adapter instead) plus the optimizer state: what ``load_checkpoint`` reads."""
+        """The model folder (under LoRA the adapter instead: the base does not change) plus the optimizer state:
+        what ``load_checkpoint`` reads."""
         if path is None:
             return
         out = Path(path)
@@ -271,11 +275,7 @@ class MLXBackend:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
-        key = mx.random.key(seed)
-        outputs: list[list[int]] = []
-        for start in range(0, len(prompts), batch_size):
-            key, sub = mx.random.split(key)
-            outputs.extend(generate_batch(self.model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, key=sub, eos_id=eos_id))
-        return outputs
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        return generate_batch(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, key=mx.random.key(seed), eos_id=eos_id, stop_ids=stop_ids,
+                              batch_size=batch_size)

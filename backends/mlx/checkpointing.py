@@ -2,7 +2,8 @@
 
 Modes as in the torch backend: ``none``, ``full``, ``N`` (the first N layers), ``auto`` and ``auto:GB``.
 ``auto`` plans only on an Apple GPU, against Metal's recommended working set (or the GB cap); on a CPU it
-checkpoints nothing, as the torch backend does. The per-token byte counts are those of ``memory.py``.
+checkpoints nothing, as the torch backend does. The byte counts are ``memory.py``'s (``layer_internals`` per
+token; four attention matrices and three fp32 LM-head chunks in flight), applied to the actual micro-batch.
 
 The layers' class is swapped per instance (``layer.__class__``), never patched: mlx-lm's ``grad_checkpoint``
 rewrites ``__call__`` on the class itself, which changes every model of that class in the process.
@@ -12,7 +13,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from redi.config import checkpointing_mode, fixed_checkpoint_layers
+from redi.backends.mlx.memory import layer_internals
+from redi.layer_checkpointing import planned_checkpoint_layers
 
 GB = 1e9
 _SUBCLASSES: dict[type, type] = {}
@@ -48,7 +50,7 @@ def activation_bytes(config: dict, tokens: int, width: int, seqs: int, checkpoin
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads", heads) * (h // heads)
-    internals = (7 * h + 2 * kv + 4 * inter) * compute_bytes  # per token, one layer's forward tensors
+    internals = layer_internals(h, inter, kv) * compute_bytes  # per token, one layer's forward tensors
     attention = heads * width * width * seqs * compute_bytes  # one [heads, T, T] matrix per sequence
     kept = (layers - checkpointed) * (tokens * internals + attention) + checkpointed * tokens * h * compute_bytes
     # One layer recomputed with its gradients, its unfused attention backward, one LM-head chunk.
@@ -59,19 +61,16 @@ def activation_bytes(config: dict, tokens: int, width: int, seqs: int, checkpoin
 def plan(mode: str, config: dict, *, tokens: int, width: int, seqs: int, static_bytes: float,
          compute_bytes: int, lm_head_chunk: int, budget_bytes: float | None = None) -> int:
     """How many layers to checkpoint for this micro-batch."""
-    n = config["num_hidden_layers"]
-    fixed = fixed_checkpoint_layers(mode, n)
-    if fixed is not None:
-        return fixed
-    value = checkpointing_mode(mode)[1]
-    if budget_bytes is None:
-        if not mx.metal.is_available():
-            return 0  # a CPU: host memory, no planning (as the torch backend)
-        budget_bytes = 0.9 * mx.device_info().get("max_recommended_working_set_size", 0)
-        if value:
-            budget_bytes = min(budget_bytes, value * GB)
-    free = budget_bytes - static_bytes
-    for k in range(n + 1):
-        if activation_bytes(config, tokens, width, seqs, k, compute_bytes, lm_head_chunk) <= free:
-            return k
-    return n
+    def free(cap_gb: float | None) -> float | None:
+        budget = budget_bytes
+        if budget is None:
+            if not mx.metal.is_available():
+                return None  # a CPU: host memory, no planning (as the torch backend)
+            budget = 0.9 * mx.device_info().get("max_recommended_working_set_size", 0)
+            if cap_gb:
+                budget = min(budget, cap_gb * GB)
+        return budget - static_bytes
+
+    return planned_checkpoint_layers(
+        mode, config["num_hidden_layers"], free,
+        lambda k: activation_bytes(config, tokens, width, seqs, k, compute_bytes, lm_head_chunk))

@@ -1,12 +1,16 @@
-"""Batched sampling with mlx-lm's left-padded KV cache, with the torch backend's semantics.
+"""Continuously batched sampling with mlx-lm's left-padded KV cache, with the torch backend's semantics.
 
 Same contract as ``TorchBackend.generate``: left-padded prompts, positions counted from each prompt's first
 real token (``BatchKVCache`` offsets do that), greedy at temperature 0, nucleus sampling that always keeps
-the most likely token, finished rows padded with ``eos_id``, and each output cut after its first eos.
+the most likely token, a row that samples ``eos_id`` or a stop id leaves (its slot takes the next prompt),
+and each output ends with the stop id that ended it.
 Randomness comes from an explicit key split from ``seed``, so results do not depend on global RNG state
 (they are not the torch backend's samples: the two RNGs differ).
 """
 from __future__ import annotations
+
+from collections import deque
+from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,25 +30,54 @@ def sample_next(logits: mx.array, temperature: float, top_p: float, key: mx.arra
     return mx.random.categorical(mx.log(probs), axis=-1, key=key)
 
 
-def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-                   top_p: float, key: mx.array, eos_id: int) -> list[list[int]]:
-    n, width = len(prompts), max(len(p) for p in prompts)
+def _prefill(model: nn.Module, prompts: list[list[int]], pad_id: int) -> tuple[mx.array, list[BatchKVCache]]:
+    width = max(len(p) for p in prompts)
     padding = [width - len(p) for p in prompts]
-    ids = mx.array([[eos_id] * pad + list(p) for pad, p in zip(padding, prompts)], dtype=mx.int32)
+    ids = mx.array([[pad_id] * pad + list(p) for pad, p in zip(padding, prompts)], dtype=mx.int32)
     cache = [BatchKVCache(padding) for _ in model.layers]
-    done = mx.zeros((n,), dtype=mx.bool_)
-    out: list[mx.array] = []
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        logits = model(step_ids, cache=cache)[:, -1].astype(mx.float32)
+    return model(ids, cache=cache)[:, -1].astype(mx.float32), cache
+
+
+def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                   top_p: float, key: mx.array, eos_id: int, stop_ids: Sequence[int] = (),
+                   batch_size: int = 64) -> list[list[int]]:
+    """Continuous batching, as mlx-lm's BatchGenerator does it: a finished row is dropped from the cache
+    (``BatchKVCache.filter``) and waiting prompts are prefilled and joined to it (``extend``)."""
+    stops = {eos_id, *stop_ids}
+    queue, ids, tokens = deque(range(len(prompts))), [], []
+    outputs: list[list[int]] = [[] for _ in prompts]
+    cache: list[BatchKVCache] | None = None
+    last = mx.zeros((0,), dtype=mx.int32)
+    while queue or ids:
         key, sub = mx.random.split(key)
-        nxt = sample_next(logits, temperature, top_p, sub)
-        nxt = mx.where(done, mx.array(eos_id, dtype=mx.int32), nxt.astype(mx.int32))
-        done = done | (nxt == eos_id)
-        out.append(nxt)
-        mx.eval(nxt, done)
-        if bool(done.all()):
-            break
-        step_ids = nxt[:, None]
-    rows = mx.stack(out, axis=1).tolist() if out else [[] for _ in prompts]
-    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+        if queue and len(ids) < batch_size:
+            admit = [queue.popleft() for _ in range(min(batch_size - len(ids), len(queue)))]
+            logits, new_cache = _prefill(model, [prompts[i] for i in admit], eos_id)
+            if cache is None:
+                cache = new_cache
+            else:
+                for running, joining in zip(cache, new_cache):
+                    running.extend(joining)
+            ids, tokens = ids + admit, tokens + [[] for _ in admit]
+            last = mx.concatenate([last, sample_next(logits, temperature, top_p, sub).astype(mx.int32)])
+        else:
+            logits = model(last[:, None], cache=cache)[:, -1].astype(mx.float32)
+            last = sample_next(logits, temperature, top_p, sub).astype(mx.int32)
+        mx.eval(last)
+        keep = []
+        for r, token in enumerate(last.tolist()):
+            tokens[r].append(token)
+            if token in stops or len(tokens[r]) >= max_new_tokens:
+                outputs[ids[r]] = tokens[r]
+            else:
+                keep.append(r)
+        if len(keep) < len(ids):
+            ids, tokens = [ids[r] for r in keep], [tokens[r] for r in keep]
+            if keep:
+                index = mx.array(keep, dtype=mx.int32)
+                for layer in cache:
+                    layer.filter(index)
+                last = last[index]
+            else:  # filter() cannot shrink a cache to no rows; the next admission starts a new one
+                cache, last = None, mx.zeros((0,), dtype=mx.int32)
+    return outputs

@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import glob
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from redi.backend import edit_model_config
 from redi.errors import UserError
+from redi.hub import locate
+from redi.model_dir import copy_tokenizer_files, rope_theta_on_top
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
 # transformers' save_pretrained default; a 7B model in fp32 (28 GB) still fits one file.
 MAX_SHARD_BYTES = 50 * 10**9
 
 
 def resolve_path(model_path: str) -> Path:
     """A local directory, or a hub name resolved through the local HF cache (downloads only when online)."""
-    local = Path(model_path)
-    if local.exists():
+    local = locate(model_path, "model", "model path")
+    if isinstance(local, Path):
         return local
-    if model_path.startswith((".", "/")) or model_path.count("/") != 1:
-        raise UserError(f"model path not found: {model_path}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -44,25 +40,25 @@ def resolve_path(model_path: str) -> Path:
 def config_overrides(config: dict) -> dict:
     """What mlx-lm must be told that transformers 5 writes only inside ``rope_parameters``."""
     rope = config.get("rope_parameters") or {}
-    extra = {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        # Without this mlx-lm silently uses 1e6: log-probs off by up to 2 nats.
-        extra["rope_theta"] = rope["rope_theta"]
+    extra = rope_theta_on_top(config)
     if not config.get("rope_scaling") and rope.get("rope_type", "default") != "default":
         extra["rope_scaling"] = rope
     return extra
 
 
-def load_model(model_path: str) -> tuple[nn.Module, dict, Path]:
-    """The model with fp32 weights, the on-disk config (what save_model writes back), and its folder."""
+def load_model(model_path: str, edits: dict | None = None) -> tuple[nn.Module, dict, Path]:
+    """The model with fp32 weights, the on-disk config with the run's ``model_config`` edits (what save_model
+    writes back, so checkpoints keep the edits), and its folder."""
     from mlx_lm.utils import load_model as mlx_load_model
 
     path = resolve_path(model_path)
     if not (path / "config.json").exists():
         raise UserError(f"cannot load model from {model_path}: no config.json there")
-    config = json.loads((path / "config.json").read_text())
+    config = edit_model_config(json.loads((path / "config.json").read_text()), edits, str(path))
     try:
-        model, _ = mlx_load_model(path, model_config=config_overrides(config))
+        # mlx-lm re-reads config.json and updates it with model_config: hand it every edited key.
+        changed = {k: config[k] for k in edits or {} if k in config}
+        model, _ = mlx_load_model(path, model_config={**changed, **config_overrides(config)})
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UserError(f"cannot load model from {model_path}: {str(err).splitlines()[0]}") from None
     # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution (platform-notes.md).
@@ -125,9 +121,7 @@ def save_model(model: nn.Module, config: dict, source: Path, out: Path) -> None:
     cfg.pop("quantization", None)
     cfg.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in TOKENIZER_FILES:
-        if (source / name).exists() and not (out / name).exists():
-            shutil.copy2(source / name, out / name)
+    copy_tokenizer_files(source, out)
 
 
 def read_weights(folder: Path) -> dict[str, mx.array]:

@@ -43,6 +43,11 @@ class Shape:
         return max(self.vocab * self.hidden, self.hidden * self.intermediate)
 
 
+def layer_internals(hidden: int, intermediate: int, kv: int) -> int:
+    """Elements one decoder layer's forward keeps per token for its backward (the planner's unit too)."""
+    return 7 * hidden + 2 * kv + 4 * intermediate
+
+
 def estimate(shape: Shape, seq_len: int, seqs: int, *, lora_rank: int = 0, compute_bytes: int = 4,
              state_bytes: int = 4, fused_attention_backward: bool = True, lm_head_chunk: int = 1024) -> dict[str, float]:
     """Bytes of each part at the peak of one micro-batch of ``seqs`` sequences padded to ``seq_len``."""
@@ -63,9 +68,9 @@ def estimate(shape: Shape, seq_len: int, seqs: int, *, lora_rank: int = 0, compu
         parts["fresh micro-batch gradient (worst case)"] = 4 * p
         step_transient = (4 + 2 * state_bytes) * shape.largest_tensor()  # one tensor's new weight, m, v
     kv = shape.kv_heads * shape.head_dim
-    layer_internals = 7 * shape.hidden + 2 * kv + 4 * shape.intermediate  # per token, in elements
+    internals = layer_internals(shape.hidden, shape.intermediate, kv)  # per token, in elements
     parts["checkpointed layer inputs"] = shape.layers * shape.hidden * tokens * c
-    parts["one layer recomputed, with gradients"] = 2 * layer_internals * tokens * c
+    parts["one layer recomputed, with gradients"] = 2 * internals * tokens * c
     if not fused_attention_backward:
         # Four [heads, T, T] matrices per sequence (scores, probabilities and their gradients): calibrated
         # against mx.get_peak_memory() on the CPU, whose attention backward is always the unfused one.

@@ -10,12 +10,9 @@ import math
 
 import mlx.core as mx
 
+from redi.backend import no_weight_decay
+
 Flat = dict[str, mx.array]
-
-
-def no_decay(name: str, param: mx.array) -> bool:
-    # HF Trainer's rule, as in the torch backend: no weight decay on biases and norm weights.
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
 def global_norm(tensors: list[mx.array]) -> mx.array:
@@ -39,7 +36,7 @@ class AdamW:
     def __init__(self, params: Flat, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, state_dtype: mx.Dtype = mx.float32):
         self.betas, self.eps, self.state_dtype = betas, eps, state_dtype
-        self.decay = {k: 0.0 if no_decay(k, p) else weight_decay for k, p in params.items()}
+        self.decay = {k: 0.0 if no_weight_decay(k, p.ndim) else weight_decay for k, p in params.items()}
         # bf16 moments (the torch backend's optim_state_dtype: bf16): stored rounded, computed in fp32.
         self.m: Flat = {k: mx.zeros(p.shape, dtype=state_dtype) for k, p in params.items()}
         self.v: Flat = {k: mx.zeros(p.shape, dtype=state_dtype) for k, p in params.items()}

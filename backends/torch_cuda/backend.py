@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,19 +20,15 @@ from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, 
                                                packed_attention_mode)
 from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_optimizer_state, load_full_model_state,
                                                  load_full_optimizer_state, shard)
+from redi.backends.torch_cuda.generate import generate as generate_rows
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
 from redi.backends.torch_cuda.packing import pack
-from redi.backend import MicroBatch, apply_options
+from redi.backend import MicroBatch, apply_options, edit_model_config, no_weight_decay
 from redi.config import check_precision
 from redi.errors import UserError
 from redi.lora import LoraSpec
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
-
+from redi.model_dir import copy_tokenizer_files, rope_theta_on_top
 
 class TorchOps:
     @staticmethod
@@ -59,19 +54,22 @@ class TorchOps:
         return torch.log(-torch.expm1(x))
 
 
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    # HF Trainer's rule, which the authors' runs used: no weight decay on biases and norm weights.
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
-
-
 def write_top_level_rope_theta(model_dir: Path) -> None:
-    """transformers 5 keeps rope_theta only in rope_parameters; mlx-lm reads the top-level key."""
+    """The saved config.json with ``rope_theta`` on top as well (``rope_theta_on_top``: mlx-lm reads it there)."""
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    rope = cfg.get("rope_parameters") or {}
-    if "rope_theta" not in cfg and "rope_theta" in rope:
-        cfg["rope_theta"] = rope["rope_theta"]
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+    extra = rope_theta_on_top(cfg)
+    if extra:
+        cfg_path.write_text(json.dumps({**cfg, **extra}, indent=2))
+
+
+def _edited_config(model_path: str, edits: dict):
+    """The model's transformers config with the run's model_config edits, built before the model is."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    raw, _ = PretrainedConfig.get_config_dict(model_path)
+    edited = edit_model_config(raw, edits, model_path)
+    return type(AutoConfig.from_pretrained(model_path)).from_dict(edited)
 
 
 def _cache_kwarg(model) -> str:
@@ -89,7 +87,7 @@ class TorchOptions:
 
     packing: bool = True  # padding-free rows with a document mask; false: right-padded batches (single process)
     activation_checkpointing: str = "auto"  # none | full | N layers | auto | auto:GB (CUDA; the CPU never plans)
-    compile: bool = False  # torch.compile each decoder layer (CUDA); FlexAttention is always compiled on CUDA
+    compile: bool | str = False  # false | true | auto (= CUDA only): torch.compile each decoder layer; eager if it fails
     optim_state_dtype: str = "fp32"  # fp32: torch AdamW (fused on CUDA); bf16: moments in bf16 (-4 B/param)
     update_bucket_gb: float = 1.0  # CUDA: extra memory used to measure the update norm exactly
 
@@ -114,7 +112,8 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ loading and saving
 
-    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024) -> None:
+    def load(self, model_path: str, *, precision: str = "auto", lm_head_chunk: int = 1024,
+             model_config: dict | None = None) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -124,7 +123,9 @@ class TorchBackend:
         torch.manual_seed(self.seed)
         try:
             # fp32 master weights always: stage 2's lr (1e-6) is below bf16's resolution.
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+            edited = {"config": _edited_config(model_path, model_config)} if model_config else {}
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa",
+                                                         **edited)
         except OSError as err:
             raise UserError(f"cannot load model from {model_path}: {str(err).splitlines()[0]}") from None
         self.adopt(model, precision=precision, lm_head_chunk=lm_head_chunk, model_path=model_path)
@@ -143,13 +144,15 @@ class TorchBackend:
     def _prepare_model(self) -> None:
         """Device, train mode, dropout off, layer wrappers, FSDP2 sharding; the packed forward entry point."""
         self.model.to(self.device)
+        # Off while training (no KV cache in a training forward); saved models get the original value back.
+        self.saved_use_cache = getattr(self.model.config, "use_cache", True)
         self.model.config.use_cache = False
         self.model.train()
         for name, module in self.model.named_modules():  # TRL's disable_dropout, as the authors trained
             if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in name:
                 module.p = 0.0
         self.layers = list(self.model.get_decoder().layers)
-        layers.install(self.layers, compile_layers=self.options.compile and self.device.type == "cuda")
+        layers.install(self.layers, compile_layers=self.compile_requested)
         self.memory_model = layers.MemoryModel.of(self.model.config)
         self.use_flex = self.device.type == "cuda" and flex_available()
         model, original_forward = self.model, self.model.forward
@@ -164,6 +167,11 @@ class TorchBackend:
         if self.dist.enabled:
             shard(self.model, self.layers)
         self.optimizer = None
+
+    @property
+    def compile_requested(self) -> bool:
+        """``compile: true`` compiles on every device; ``auto`` only on CUDA, where it was measured to pay."""
+        return self.options.compile == "true" or (self.options.compile == "auto" and self.device.type == "cuda")
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (the loop gathers per-sequence statistics for the metrics)."""
@@ -205,15 +213,17 @@ class TorchBackend:
 
     def _finish_model_dir(self, out: Path) -> None:
         write_top_level_rope_theta(out)
+        cfg = json.loads((out / "config.json").read_text())
+        if cfg.get("use_cache") != self.saved_use_cache:
+            cfg["use_cache"] = self.saved_use_cache
+            (out / "config.json").write_text(json.dumps(cfg, indent=2))
         if not self.model_path:
             return
-        src = Path(self.model_path)
-        for name in TOKENIZER_FILES:
-            if (src / name).exists() and not (out / name).exists():
-                shutil.copy2(src / name, out / name)
+        copy_tokenizer_files(Path(self.model_path), out)
 
     def save_checkpoint(self, path: str | None) -> None:
-        """The model folder (LoRA: the adapter) plus ``optimizer.pt``; collective under multi-process."""
+        """The model folder (under LoRA the adapter instead: the base does not change) plus ``optimizer.pt``;
+        collective under multi-process, as ``save_model``."""
         if self.lora:
             return torch_lora.save_checkpoint(self.model, self.lora, self.optimizer, Path(path), self.model_path)
         self.save_model(path)
@@ -254,7 +264,7 @@ class TorchBackend:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if _no_decay(name, p) else decay).append(p)
+                (no_decay if no_weight_decay(name, p.ndim) else decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = make_adamw(groups, self.device, self.options.optim_state_dtype)
         self.optimizer.zero_grad(set_to_none=True)
@@ -347,61 +357,19 @@ class TorchBackend:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, eos_id: int, batch_size: int = 64) -> list[list[int]]:
+                 seed: int, eos_id: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Continuous batching over ``batch_size`` rows (backends/torch_cuda/generate.py); a row stops at
+        ``eos_id`` or any of ``stop_ids``; ``eos_id`` also pads."""
         self.model.eval()
         self.model.config.use_cache = True
-        outputs: list[list[int]] = []
         gen = torch.Generator(device=self.device).manual_seed(seed)
         try:
-            for start in range(0, len(prompts), batch_size):
-                outputs.extend(self._generate_batch(prompts[start:start + batch_size], max_new_tokens,
-                                                    temperature, top_p, gen, eos_id))
+            return generate_rows(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, gen=gen, stop_ids={eos_id, *stop_ids}, pad_id=eos_id,
+                                 batch_size=batch_size, device=self.device, autocast=self._autocast,
+                                 cache_kwarg=_cache_kwarg(self.model))
         finally:
             self.model.config.use_cache = False
             self.model.train()
-        return outputs
-
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, gen, eos_id) -> list[list[int]]:
-        # A plain sampling loop with a KV cache, left-padded: deterministic under our own Generator,
-        # unlike HF generate, which draws from the global RNG.
-        from transformers import DynamicCache
-
-        n, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((n, width), eos_id, dtype=torch.long, device=self.device)
-        attn = torch.zeros((n, width), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, device=self.device)
-            attn[i, width - len(p):] = 1
-        cache, cache_kwarg = DynamicCache(), _cache_kwarg(self.model)
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        out = torch.zeros((n, 0), dtype=torch.long, device=self.device)
-        step_ids = ids
-        for _ in range(max_new_tokens):
-            position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-            with self._autocast():
-                logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=position,
-                                    use_cache=True, **{cache_kwarg: cache}).logits[:, -1].float()
-            nxt = sample_next(logits, temperature, top_p, gen)
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-            step_ids = nxt[:, None]
-            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=self.device)], dim=1)
-        result = []
-        for row in out.tolist():
-            result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-        return result
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

@@ -1,6 +1,6 @@
 """Multi-process training: torchrun's environment, FSDP2 ``fully_shard``, collectives, full state dicts.
 
-Launch with ``torchrun --nproc-per-node N -m redi train ...``. Every rank runs the same loop; the core
+Launch with ``torchrun --nproc-per-node N -m redi train ...`` (N = 1 included: one rank, still sharded). Every rank runs the same loop; the core
 gives rank r the micro-batches r, r+N, ... of each optimizer step (padded with zero-weight repeats so that
 every rank runs the same number of forward/backward passes), so the global batch is the config's whatever
 N is. Losses are already weighted by each micro-batch's share of the step; FSDP2 averages gradients over
@@ -31,7 +31,9 @@ class Dist:
     def __init__(self, device_type: str):
         self.rank, self.world_size, self.local_rank = env_world()
         self.device_type = device_type
-        if self.world_size > 1 and not dist.is_initialized():
+        # Under torchrun even one rank runs FSDP2 over a process group, so that one GPU measures what N pay.
+        self.launched = self.world_size > 1 or {"WORLD_SIZE", "MASTER_ADDR"} <= os.environ.keys()
+        if self.launched and not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(self.local_rank)
                 dist.init_process_group("nccl", device_id=torch.device("cuda", self.local_rank))
@@ -40,7 +42,7 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.launched
 
     def device(self) -> torch.device:
         if self.device_type == "cuda":

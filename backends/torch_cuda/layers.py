@@ -13,17 +13,23 @@ Modes (config ``activation_checkpointing``): ``none``, ``full``, an integer (tha
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from redi.config import checkpointing_mode, fixed_checkpoint_layers
+from redi.layer_checkpointing import planned_checkpoint_layers
 
 GIB = 1 << 30
 
 
 def install(layers: list[torch.nn.Module], compile_layers: bool) -> None:
+    """Wrap each layer's ``forward``: the per-micro-batch checkpoint flag and, with ``compile_layers``, one
+    torch.compile'd graph for all layers that falls back to eager for good (one warning line) if compiling
+    fails."""
+    state = _CompileState(enabled=compile_layers)
     if compile_layers:
         from torch._dynamo import config as dynamo_config
 
@@ -32,20 +38,89 @@ def install(layers: list[torch.nn.Module], compile_layers: bool) -> None:
     for layer in layers:
         if getattr(layer, "_redi_wrapped", False):
             continue
-        eager = layer.forward
-        inner = torch.compile(eager, dynamic=True) if compile_layers else eager
+        eager = inner = layer.forward
+        if state.enabled:
+            try:  # an unknown backend fails here, a failing compiler at the first call
+                inner = torch.compile(eager, dynamic=True, backend=compile_backend())
+            except COMPILE_ERRORS as err:
+                state.fall_back(err)
 
         def forward(*args, _inner=inner, _eager=eager, _layer=layer, **kwargs):
             if not torch.is_grad_enabled():
                 # Reference log-probs and generation (KV cache) run eagerly; the compiled graph is for training.
                 return _eager(*args, **kwargs)
-            if _layer._redi_checkpoint:
-                return checkpoint(_inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-            return _inner(*args, **kwargs)
+            if state.enabled:
+                try:
+                    with _backward_compiled_in_forward():
+                        return _run(_layer, _inner, args, kwargs)
+                except COMPILE_ERRORS as err:
+                    state.fall_back(err)
+            return _run(_layer, _eager, args, kwargs)
 
         layer.forward = forward
         layer._redi_checkpoint = False
         layer._redi_wrapped = True
+        layer._redi_compile = state
+
+
+def compile_backend() -> str:
+    """torch.compile's backend: inductor; ``REDI_COMPILE_BACKEND`` overrides it (the CPU tests use aot_eager,
+    which traces the same graph without generating C++)."""
+    return os.environ.get("REDI_COMPILE_BACKEND", "inductor")
+
+
+def _run(layer: torch.nn.Module, fn, args, kwargs):
+    if layer._redi_checkpoint:
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failing compiler raises: dynamo's and inductor's exceptions (never an out-of-memory error, which
+    eager would hit too)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    errors: list[type[BaseException]] = [TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+        errors += [InductorError, InvalidCxxCompiler]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+COMPILE_ERRORS = _compile_errors()
+
+
+def _backward_compiled_in_forward():
+    """AOTAutograd compiles the backward lazily, at the first ``backward()``, where a failure could not be
+    undone (part of the gradient is accumulated by then). Compiling it with the forward makes every compiler
+    failure surface in the layer's forward, before anything ran."""
+    from torch._functorch import config as functorch_config
+
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)
+
+
+@dataclass
+class _CompileState:
+    """Shared by all layers of one model: one failure turns every layer eager (they share one graph)."""
+
+    enabled: bool
+    failure: str = ""
+
+    def fall_back(self, err: BaseException) -> None:
+        self.enabled = False
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        self.failure = f"{type(err).__name__}: {first}"
+        print(f"warning: torch.compile of the decoder layers failed ({self.failure}); training continues eagerly",
+              file=sys.stderr, flush=True)
+
+
+def compiled(layers: list[torch.nn.Module]) -> bool:
+    """Whether the layers run compiled now (false when off, or after a fall-back to eager)."""
+    state = getattr(layers[0], "_redi_compile", None) if layers else None
+    return bool(state and state.enabled)
 
 
 def set_checkpointed(layers: list[torch.nn.Module], count: int) -> None:
@@ -94,20 +169,14 @@ class MemoryModel:
 def plan(mode: str | int, model_memory: MemoryModel, tokens: int, *, device: torch.device,
          static_bytes: float, workspace_bytes: float) -> int:
     """How many layers to checkpoint for a micro-batch of ``tokens`` tokens."""
-    n = model_memory.layers
-    fixed = fixed_checkpoint_layers(mode, n)
-    if fixed is not None:
-        return fixed
-    value = checkpointing_mode(mode)[1]
-    if device.type != "cuda":
-        return 0  # the CPU path: host memory, no planning
-    total = torch.cuda.get_device_properties(device).total_memory
-    budget = min(total * 0.94, value * GIB) if value else total * 0.94
-    free = budget - static_bytes - workspace_bytes - 1.0 * GIB  # allocator fragmentation, NCCL, cuBLAS
-    for k in range(n + 1):
-        if model_memory.activation_bytes(tokens, k) <= free:
-            return k
-    return n
+    def free(cap_gb: float | None) -> float | None:
+        if device.type != "cuda":
+            return None  # the CPU path: host memory, no planning
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = min(total * 0.94, cap_gb * GIB) if cap_gb else total * 0.94
+        return budget - static_bytes - workspace_bytes - 1.0 * GIB  # allocator fragmentation, NCCL, cuBLAS
+
+    return planned_checkpoint_layers(mode, model_memory.layers, free, lambda k: model_memory.activation_bytes(tokens, k))
 
 
 def static_bytes_estimate(numel: int, world_size: int, state_bytes_per_param: int, *, grads_present: bool,

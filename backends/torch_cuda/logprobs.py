@@ -169,11 +169,11 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 def packed_sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                           attention_mask: dict, score_pos: torch.Tensor, targets: torch.Tensor, seq_of: torch.Tensor,
-                          n_seqs: int, chunk: int = 1024, head_fn=None) -> torch.Tensor:
+                          n_seqs: int, chunk: int = 1024) -> torch.Tensor:
     """Packed path: one row [1, T]; S per sequence from the scored positions of the row."""
     hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask).last_hidden_state[0]
     h = hidden.index_select(0, score_pos)
     head = model.get_output_embeddings()
-    per_token = head_fn(h, head, targets) if head_fn is not None else token_logps(h, head, targets, chunk)
+    per_token = token_logps(h, head, targets, chunk)
     return torch.zeros(n_seqs, dtype=torch.float32, device=hidden.device).index_add(0, seq_of, per_token)

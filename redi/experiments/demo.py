@@ -7,7 +7,6 @@ sample, graded), ``plots/*.png``, and ``summary.json`` (the demo's summary; timi
 """
 from __future__ import annotations
 
-import copy
 import importlib.resources
 import json
 import re
@@ -21,7 +20,7 @@ from rich.table import Table
 
 from redi.training.api import load_tokenizer, train
 from redi.backend import make_backend
-from redi.config import Config, load_config
+from redi.config import Config, continued_sft_config, load_config
 from redi.experiments.demo_task import check_task
 from redi.errors import UserError
 from redi.evaluation.grading import last_boxed, pass_at_1, sem_paper
@@ -149,18 +148,11 @@ def _write_eval_file(path: Path, problems: list[dict], result: dict) -> None:
 
 
 def control_config(cfg: Config, run_dir: Path, data_dir: Path) -> Config:
-    """Continued SFT on the pairs' chosen traces from the SFT checkpoint, with stage 2's exact settings.
-
-    Same examples, same seed, same batch size, hence the same batches in the same order as REDI (the core's
-    order is a function of seed, step and example count); only the loss differs (no negatives).
-    """
-    control = copy.deepcopy(cfg)
-    control.stage = "sft"
+    """Continued SFT (``continued_sft_config``) from the SFT checkpoint on the demo's pairs."""
+    control = continued_sft_config(cfg)
     control.model = str(run_dir / "sft_final")
-    control.data = str(data_dir / "pairs.jsonl")  # an SFT stage on a pairs file trains on its chosen traces
+    control.data = str(data_dir / "pairs.jsonl")
     control.output = str(run_dir / "control")
-    control.sft = copy.deepcopy(cfg.pairs)
-    control.sft.max_prompt_length = 0
     return control
 
 

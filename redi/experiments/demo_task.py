@@ -35,6 +35,7 @@ import numpy as np
 
 from redi.builtin import DATA_BUILDERS, MODEL_ALPHABETS, MODEL_SHAPES
 from redi.errors import UserError
+from redi.pairing.rules import select
 from redi.tiny import TinyQwen2
 
 # 24 symbols + 3 special tokens = 27: digits, the operators of the trace, "c=" of the carry line, \boxed{}.
@@ -131,12 +132,6 @@ def sample_until_correct(a: int, b: int, rng: np.random.Generator, teacher: Teac
     return traces
 
 
-def first_correct_and_wrong(correct: list[bool]) -> tuple[int | None, int | None]:
-    good = next((i for i, ok in enumerate(correct) if ok), None)
-    bad = next((i for i, ok in enumerate(correct) if not ok), None)
-    return good, bad
-
-
 # Keys of the config's ``task:`` section besides the teacher's (evaluation keys are read by redi.experiments.demo).
 OTHER_TASK_KEYS = ("problems", "eval_problems", "eval_samples", "eval_temperature", "eval_top_p",
                    "eval_max_new_tokens", "eval_after_sft", "control", "model")
@@ -186,13 +181,14 @@ def build_demo_data(out_dir: Path, seed: int, task: dict) -> None:
         stats["correct"] += sum(correct)
         stats["shortcut_columns"] += sum(t.shortcuts for t in traces)
         stats["columns"] += len(traces) * max(len(str(a)), len(str(b)))
-        good, bad = first_correct_and_wrong(correct)
-        if good is None:
+        sft_indices, pair_indices = select(correct)  # the paper's rule, as `redi data pair` applies it
+        if not sft_indices:
             stats["unsolved"] += 1
             continue
+        good = sft_indices[0]
         sft.append({"prompt": prompt, "completion": traces[good].text, "problem_id": pid, "source": SOURCE,
                     "generation_index": good})
-        if bad is not None:
+        for good, bad in pair_indices:
             pairs.append({"prompt": prompt, "chosen": traces[good].text, "rejected": traces[bad].text,
                           "problem_id": pid, "source": SOURCE, "chosen_index": good, "rejected_index": bad})
 
@@ -212,15 +208,6 @@ def build_demo_data(out_dir: Path, seed: int, task: dict) -> None:
     info = {"problems": n_train, "sft_rows": len(sft), "pairs": len(pairs), "eval_problems": len(evals),
             "teacher": teacher.__dict__, **stats}
     (out_dir / "data_info.json").write_text(json.dumps(info, indent=2))
-
-
-# ------------------------------------------------------------------------------------------ reading traces
-
-
-def shortcut_columns(trace: str) -> list[int]:
-    """Indices (right to left) of the columns a trace wrote as shortcuts."""
-    columns = [line for line in trace.strip("\n").split("\n") if line.startswith(">") or "+" in line]
-    return [i for i, line in enumerate(columns) if line.startswith(">")]
 
 
 DATA_BUILDERS["demo"] = build_demo_data

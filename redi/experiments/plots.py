@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on CI or over ssh
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Runs = Mapping[str, Sequence[dict]]
 
@@ -28,7 +29,14 @@ def _points(records: Sequence[dict], key: str, x: str, positive: bool = False) -
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _label(ax, *, xlabel: str, ylabel: str, title: str, logy: bool = False, title_size: str = "large") -> None:
+def _label(ax, *, xlabel: str, ylabel: str, title: str, logy: bool = False, title_size: str = "large",
+           nonnegative: bool = False) -> None:
+    """Axes, title, grid, legend. Steps are whole numbers, so the x ticks are too; ``nonnegative`` (an accuracy)
+    keeps the y axis from showing ticks below 0 when every value is 0."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if nonnegative and not logy:
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(0.0, low), high if high > 0 else 1.0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -49,14 +57,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, logy: bool) -> Path:
-    _label(ax, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy)
+def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, logy: bool, nonnegative: bool = False) -> Path:
+    _label(ax, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy, nonnegative=nonnegative)
     return _save(fig, path)
 
 
 def plot_metric(runs: Runs, key: str, path: str | Path, *, ylabel: str, title: str = "", x: str = "step",
                 xlabel: str = "optimizer step", logy: bool = False, err_key: str | None = None,
-                zoom_without: frozenset[str] = frozenset()) -> Path:
+                zoom_without: frozenset[str] = frozenset(), nonnegative: bool = False) -> Path:
     """One line per run of ``key`` against ``x``; ``err_key`` (e.g. an accuracy's SEM) draws error bars.
 
     ``zoom_without``: runs (e.g. collapsed ones) that may stretch the axis so far that the others become one
@@ -82,12 +90,13 @@ def plot_metric(runs: Runs, key: str, path: str | Path, *, ylabel: str, title: s
     if not zoom:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         draw(ax, frozenset())
-        return _finish(fig, ax, Path(path), xlabel=xlabel, ylabel=ylabel, title=title, logy=logy)
+        return _finish(fig, ax, Path(path), xlabel=xlabel, ylabel=ylabel, title=title, logy=logy,
+                       nonnegative=nonnegative)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     draw(ax, frozenset())
     draw(ax2, zoom_without)
     for a, t in ((ax, title + " (all arms)"), (ax2, f"without {', '.join(sorted(zoom_without))} (zoom)")):
-        _label(a, xlabel=xlabel, ylabel=ylabel, title=t, title_size="medium")
+        _label(a, xlabel=xlabel, ylabel=ylabel, title=t, title_size="medium", nonnegative=nonnegative)
     return _save(fig, Path(path))
 
 

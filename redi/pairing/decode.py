@@ -1,7 +1,7 @@
 """Reading the input of `redi data pair` in parallel-friendly pieces: 4 MB byte ranges of a jsonl file (cut
 at line starts, so adjacent ranges share no line and miss none), parquet row groups, arrow batches.
 
-A task is a small picklable tuple; ``decode_task`` turns it into ``(row_index, row)`` pairs in whichever
+A task is a small picklable named tuple (one type per kind of piece, below); ``decode_task`` turns it into ``(row_index, row)`` pairs in whichever
 process runs it, reading the bytes itself, so the main process only hands out offsets. ``count_lines``
 counts a range's rows at memchr speed with the same blank-line rule as the decoder (a whitespace-only line
 is not a row, as in ``datasets``' json reader), so the row numbers of the count pass and the reading pass
@@ -16,12 +16,65 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple, Union
 
 
 @dataclass
 class BadLine:
     line: int
     detail: str
+
+
+class FileRange(NamedTuple):
+    """A byte range of a jsonl file (``gz``: a whole .gz file, end -1), as the count pass reads it."""
+
+    path: str
+    start: int
+    end: int
+    gz: bool
+
+
+class JsonlRange(NamedTuple):
+    """Rows of a plain jsonl file's byte range; ``index``/``line_no``: its first row and line; ``label``: the
+    file name in messages when there are several files."""
+
+    path: str
+    start: int
+    end: int
+    index: int
+    line_no: int
+    label: str
+
+
+class JsonlBlock(NamedTuple):
+    """Whole lines of a .gz file, decompressed by the main process (it cannot be cut by offset)."""
+
+    block: bytes
+    index: int
+    line_no: int
+    label: str
+
+
+class ParquetGroup(NamedTuple):
+    path: str
+    group: int
+    index: int
+    batch_rows: int
+
+
+class ArrowBatch(NamedTuple):
+    batch: Any  # a pyarrow RecordBatch
+    index: int
+
+
+class RowList(NamedTuple):
+    """Rows already in memory (a JSON array file, a hub dataset's chunk)."""
+
+    rows: list
+    index: int
+
+
+Task = Union[JsonlRange, JsonlBlock, ParquetGroup, ArrowBatch, RowList]
 
 
 def open_binary(path: Path):
@@ -53,8 +106,8 @@ def read_range(path: str, start: int, end: int) -> bytes:
         return handle.read(stop - first)
 
 
-def count_range(file_range: tuple) -> tuple[int, int]:
-    """(rows, lines) of one (path, start, end, gzipped) range; a .gz file is one range, read whole."""
+def count_range(file_range: FileRange) -> tuple[int, int]:
+    """(rows, lines) of one range; a .gz file is one range, read whole."""
     path, start, end, gz = file_range
     if not gz:
         return count_lines(read_range(path, start, end))
@@ -77,13 +130,13 @@ def blocks(handle) -> Iterator[bytes]:
         yield block
 
 
-def gzip_blocks(path: str, index: int, label: str) -> Iterator[tuple]:
+def gzip_blocks(path: str, index: int, label: str) -> Iterator[JsonlBlock]:
     """A .gz file cannot be cut by offset: the main process decompresses it and ships whole-line blocks."""
     line_no = 1
     with gzip.open(path, "rb") as handle:
         for block in blocks(handle):
             rows, lines = count_lines(block)
-            yield ("jsonl-block", block, index, line_no, label)
+            yield JsonlBlock(block, index, line_no, label)
             index += rows
             line_no += lines
 
@@ -109,31 +162,28 @@ def count_lines(block: bytes) -> tuple[int, int]:
 _PARQUET_FILES: dict[str, object] = {}
 
 
-def decode_task(task: tuple, columns: list[str] | None) -> list[tuple[int, object]]:
+def decode_task(task: Task, columns: list[str] | None) -> list[tuple[int, object]]:
     """``(row_index, row)`` for every row of a task; a line that is not JSON becomes a ``BadLine``."""
-    kind = task[0]
-    if kind in ("jsonl", "jsonl-block"):
-        if kind == "jsonl":
-            _, path, start, end, index, line_no, label = task
-            block = read_range(path, start, end)
-        else:
-            _, block, index, line_no, label = task
+    if isinstance(task, (JsonlRange, JsonlBlock)):
+        index, line_no, label = task.index, task.line_no, task.label
+        block = read_range(task.path, task.start, task.end) if isinstance(task, JsonlRange) else task.block
         rows: list[tuple[int, object]] = []
         for offset, line in enumerate(block.split(b"\n")):
             if _is_blank(line):
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as err:
+            except ValueError as err:  # UnicodeDecodeError is a ValueError too
                 where = f"{label} line {line_no + offset}" if label else f"line {line_no + offset}"
-                row = BadLine(line_no + offset, f"{where}: not JSON ({str(err).split(':')[0]})")
+                why = "not UTF-8" if isinstance(err, UnicodeDecodeError) else f"not JSON ({str(err).split(':')[0]})"
+                row = BadLine(line_no + offset, f"{where}: {why}")
             rows.append((index, row))
             index += 1
         return rows
-    if kind == "parquet":
+    if isinstance(task, ParquetGroup):
         import pyarrow.parquet as pq
 
-        _, path, group, index, batch_rows = task
+        path, group, index, batch_rows = task
         pf = _PARQUET_FILES.get(path)
         if pf is None:
             _PARQUET_FILES.clear()  # keep one open file per process
@@ -145,10 +195,9 @@ def decode_task(task: tuple, columns: list[str] | None) -> list[tuple[int, objec
         for record_batch in table.to_batches(max_chunksize=batch_rows):
             rows.extend(record_batch.to_pylist())
         return [(index + i, row) for i, row in enumerate(rows)]
-    if kind == "arrow":
-        _, record_batch, index = task
-        return [(index + i, row) for i, row in enumerate(record_batch.to_pylist())]
-    _, rows, index = task
+    if isinstance(task, ArrowBatch):
+        return [(task.index + i, row) for i, row in enumerate(task.batch.to_pylist())]
+    rows, index = task
     return [(index + i, row) for i, row in enumerate(rows)]
 
 

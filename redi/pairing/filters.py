@@ -82,7 +82,7 @@ def load_benchmark_problems(path: str) -> list[str]:
                         raise UserError(f"{path} line {line_no}: not JSON") from None
     else:
         raise UserError(f"--decontaminate {path}: expected a .json, .jsonl or .parquet file")
-    return [_problem_text(row, f"{path} row {i}") for i, row in enumerate(rows)]
+    return [_problem_text(row, f"{path} row {i}") for i, row in enumerate(rows, start=1)]
 
 
 class Decontaminator:
@@ -91,11 +91,9 @@ class Decontaminator:
     def __init__(self, files: list[str], ngram_size: int = 8):
         self.ngram_size = ngram_size
         self.files = [str(f) for f in files]
-        self.problems_per_file: dict[str, int] = {}
         self._owner: dict[str, str] = {}
         for path in self.files:
             problems = load_benchmark_problems(path)
-            self.problems_per_file[path] = len(problems)
             for problem in problems:
                 for gram in word_ngrams(problem, ngram_size):
                     self._owner.setdefault(gram, path)

@@ -44,8 +44,8 @@ from redi.pairing.filters import Histogram
 from redi.pairing.rules import CORRECT_IF, SCHEMAS, Drop, detect_schema, needed_columns, required_columns
 from redi.pairing.sinks import BucketedSink, FileWriter, bucket_count
 from redi.pairing.sources import open_source
-from redi.pairing.work import (HISTOGRAMS, BatchWorker, Layout, Tally, WorkSpec, init_worker, run_job, run_process,
-                               use_system_allocator)
+from redi.pairing.work import (HISTOGRAMS, BatchWorker, CountJob, Layout, ProcessJob, Tally, WorkSpec, init_worker,
+                               run_job, run_process, use_system_allocator)
 
 FORMATS = ("parquet", "jsonl")
 _PARALLEL_MIN_BYTES = 32 << 20
@@ -167,7 +167,7 @@ class _Executor:
     def map(self, jobs):
         if self._pool is None:
             for job in jobs:
-                yield count_range(job[1]) if job[0] == "count" else run_process(self.worker, job)
+                yield count_range(job.file_range) if isinstance(job, CountJob) else run_process(self.worker, job)
             return
         pending: deque = deque()
         for job in jobs:
@@ -179,7 +179,7 @@ class _Executor:
 
     def count_ranges(self, func, ranges):
         # InputSource.count_rows's mapper; func is always pairing_decode.count_range.
-        return self.map(("count", r) for r in ranges)
+        return self.map(CountJob(r) for r in ranges)
 
 
 def _grade(candidates: list, opts: PairOptions, tally: Tally) -> list:
@@ -210,8 +210,9 @@ def _grade(candidates: list, opts: PairOptions, tally: Tally) -> list:
 
 
 def pair_dataset(input_spec: str, output: str | Path, options: PairOptions | None = None, *,
-                 on_progress: Callable[[int, int | None], None] | None = None) -> PairResult:
-    """Build ``sft.*``, ``pairs.*`` and ``report.json`` in ``output`` from a file, folder or hub name."""
+                 on_progress: Callable[[int, int | None], None] | None = None, force: bool = False) -> PairResult:
+    """Build ``sft.*``, ``pairs.*`` and ``report.json`` in ``output`` from a file, folder or hub name.
+    An existing non-empty ``output`` is refused unless ``force`` (its files of those names are replaced)."""
     opts = options or PairOptions()
     _check_options(opts)
     started = time.perf_counter()
@@ -219,6 +220,10 @@ def pair_dataset(input_spec: str, output: str | Path, options: PairOptions | Non
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "a training run" if (out / "metrics.jsonl").exists() else "files"
+        raise UserError(f"--output {output} already holds {what}; choose another folder or pass --force to "
+                        f"replace sft.*, pairs.* and report.json there")
     spec = WorkSpec(schema, tuple(needed_columns(schema)), opts.correct_if, tuple(opts.exclude_sources),
                     opts.require_complete, opts.pairs_per_problem, opts.all_positives, opts.tokenizer,
                     opts.max_prompt_tokens, opts.max_response_tokens, tuple(opts.decontaminate), opts.ngram_size)
@@ -254,7 +259,7 @@ def _run(input_spec, out: Path, opts: PairOptions, source, schema: str, worker: 
     try:
         deferred: list = []
         tasks = source.tasks(needed_columns(schema), opts.batch_rows)
-        for result in executor.map(("process", task, layout) for task in tasks):
+        for result in executor.map(ProcessJob(task, layout) for task in tasks):
             absorb(result)
             deferred.extend(result.deferred)
             if sum(len(c.generations) for c in deferred) >= _GRADE_BATCH:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from redi.pairing import decode as decode
 from redi.errors import UserError
-from redi.pairing.decode import count_range, decode_task, open_binary, read_range
+from redi.hub import locate
+from redi.pairing.decode import (ArrowBatch, FileRange, JsonlBlock, JsonlRange, ParquetGroup, RowList, Task, count_range,
+                                 decode_task, open_binary, read_range)
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _PEEK_ROWS = 200  # rows read to detect the schema of a jsonl input
@@ -49,7 +51,7 @@ class InputSource:
                     block = next(decode.blocks(handle), b"")
             else:
                 block = read_range(str(path), 0, decode.RANGE_BYTES)
-            rows = decode_task(("jsonl-block", block, 0, 1, ""), None)
+            rows = decode_task(JsonlBlock(block, 0, 1, ""), None)
         else:
             rows = next(self.batches(None, batch_rows=_PEEK_ROWS), [])
         keys: dict[str, None] = {}
@@ -82,16 +84,16 @@ class InputSource:
                 self._num_rows = sum(len(decode_task(t, None)) for t in self.tasks(None))
         return self._num_rows
 
-    def _ranges(self) -> list[tuple[str, int, int, bool]]:
-        """(path, start, end, gzipped): 4 MB byte ranges of plain files; a .gz file is one range."""
+    def _ranges(self) -> list[FileRange]:
+        """4 MB byte ranges of plain files; a .gz file is one range."""
         out = []
         for path in self.paths:
             if path.name.endswith(".gz"):
-                out.append((str(path), 0, -1, True))
+                out.append(FileRange(str(path), 0, -1, True))
                 continue
             size = path.stat().st_size
             step = decode.RANGE_BYTES
-            out.extend((str(path), a, min(a + step, size), False) for a in range(0, size, step))
+            out.extend(FileRange(str(path), a, min(a + step, size), False) for a in range(0, size, step))
         return out
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ class InputSource:
         for task in self.tasks(columns, batch_rows):
             yield decode_task(task, columns)
 
-    def tasks(self, columns: list[str] | None, batch_rows: int = 1024) -> Iterator[tuple]:
+    def tasks(self, columns: list[str] | None, batch_rows: int = 1024) -> Iterator[Task]:
         """Cheap, picklable units of work in input order; ``decode_task`` turns one into rows (in a worker)."""
         reader = {"jsonl": self._jsonl_tasks, "json-array": self._json_array_tasks, "parquet": self._parquet_tasks,
                   "arrow": self._arrow_tasks, "hub": self._hub_tasks}[self.kind]
@@ -118,7 +120,7 @@ class InputSource:
             if gz:  # cannot seek: this process reads and ships the blocks
                 yield from decode.gzip_blocks(path, index, label)
             else:
-                yield ("jsonl", path, start, end, index, line_no, label)
+                yield JsonlRange(path, start, end, index, line_no, label)
             index += rows
             line_no += lines
 
@@ -128,7 +130,7 @@ class InputSource:
             rows = _load_json_array(path)
             for start in range(0, len(rows), batch_rows):
                 chunk = rows[start:start + batch_rows]
-                yield ("rows", chunk, index)
+                yield RowList(chunk, index)
                 index += len(chunk)
 
     def _parquet_tasks(self, columns, batch_rows):
@@ -138,7 +140,7 @@ class InputSource:
         for path in self.paths:
             meta = pq.ParquetFile(path).metadata
             for group in range(meta.num_row_groups):
-                yield ("parquet", str(path), group, index, batch_rows)
+                yield ParquetGroup(str(path), group, index, batch_rows)
                 index += meta.row_group(group).num_rows
 
     def _arrow_tasks(self, columns, batch_rows):
@@ -154,7 +156,7 @@ class InputSource:
                     record_batch = record_batch.select(wanted)
                     for start in range(0, record_batch.num_rows, batch_rows):
                         part = record_batch.slice(start, batch_rows)
-                        yield ("arrow", part, index)
+                        yield ArrowBatch(part, index)
                         index += part.num_rows
 
     def _hub_tasks(self, columns, batch_rows):
@@ -165,7 +167,7 @@ class InputSource:
         for chunk in dataset.iter(batch_size=batch_rows):
             keys = list(chunk)
             n = len(chunk[keys[0]]) if keys else 0
-            yield ("rows", [{k: chunk[k][i] for k in keys} for i in range(n)], index)
+            yield RowList([{k: chunk[k][i] for k in keys} for i in range(n)], index)
             index += n
 
 
@@ -220,10 +222,7 @@ def open_source(spec: str, split: str = "train") -> InputSource:
         return _file_source(spec, [path])
     if path.is_dir():
         return _dir_source(spec, path, split)
-    if path.suffix in (".parquet", ".jsonl", ".json", ".gz", ".arrow") or spec.startswith((".", "/", "~")):
-        raise UserError(f"input not found: {spec}")
-    if spec.count("/") != 1:
-        raise UserError(f"input not found: {spec} (not a file, a folder or a hub name like org/name)")
+    locate(spec, "dataset", "input")  # fails at once for a missing local-looking path or an unusable hub
     return _hub_source(spec, split)
 
 

@@ -10,11 +10,12 @@ since a worker cannot start processes of its own).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from redi.pairing.filters import Decontaminator, Histogram, LengthMeter
 from redi.pairing.rules import DROP_REASONS, Candidate, Drop, RowRules, select
 from redi.pairing.sinks import bucketize, shuffled_positions
-from redi.pairing.decode import BadLine, count_range, decode_task
+from redi.pairing.decode import BadLine, FileRange, Task, count_range, decode_task
 
 HISTOGRAMS = ("sft_completion", "pair_prompt", "pair_chosen", "pair_rejected")
 COUNTERS = ("rows_read", "sft_problems", "sft_rows", "no_incorrect", "too_long_rows", "pairs", "pairs_too_long",
@@ -32,7 +33,8 @@ class Tally:
     def drop(self, drop: Drop) -> None:
         self.dropped[drop.reason] += 1
         if drop.reason == "malformed":
-            entry = {"row": drop.row, "id": drop.problem_id, "reason": drop.detail}
+            # Row numbers users see are 1-based, as in `redi train` and jsonl line numbers.
+            entry = {"row": drop.row + 1, "id": drop.problem_id, "reason": drop.detail}
             self.malformed.append({k: v for k, v in entry.items() if v is not None})
 
     def histogram(self, name: str, unit: str) -> Histogram:
@@ -110,7 +112,7 @@ class BatchWorker:
             self.positions = None if layout.seed is None else shuffled_positions(layout.total, layout.seed)
             self.layout = layout
 
-    def process(self, task: tuple) -> BatchResult:
+    def process(self, task: Task) -> BatchResult:
         """Rows of one input task -> outputs; unlabelled rows come back in ``deferred`` for grading."""
         tally = Tally()
         ready: list[Candidate] = []
@@ -129,7 +131,7 @@ class BatchWorker:
                 hit = decon.match(verdict.problem)
                 if hit is not None:
                     tally.drop(Drop(row_index, "contaminated", hit[0], verdict.problem_id))
-                    tally.contaminated.append({"row": row_index, "id": verdict.problem_id, "benchmark": hit[0],
+                    tally.contaminated.append({"row": row_index + 1, "id": verdict.problem_id, "benchmark": hit[0],
                                                "ngram": hit[1]})
                     continue
             (ready if verdict.correct is not None else deferred).append(verdict)
@@ -235,15 +237,27 @@ def use_system_allocator():
     return previous
 
 
-def run_job(job: tuple):
-    """("count", file range) -> (rows, lines); ("process", task, layout) -> BatchResult."""
-    if job[0] == "count":
-        return count_range(job[1])
+class CountJob(NamedTuple):
+    """The count pass: rows and lines of one byte range."""
+
+    file_range: FileRange
+
+
+class ProcessJob(NamedTuple):
+    """The reading pass: one task's rows to outputs, placed by ``layout``."""
+
+    task: Task
+    layout: Layout
+
+
+def run_job(job: CountJob | ProcessJob):
+    """CountJob -> (rows, lines); ProcessJob -> BatchResult."""
+    if isinstance(job, CountJob):
+        return count_range(job.file_range)
     assert _WORKER is not None
     return run_process(_WORKER, job)
 
 
-def run_process(worker: BatchWorker, job: tuple) -> BatchResult:
-    _, task, layout = job
-    worker.set_layout(layout)
-    return worker.process(task)
+def run_process(worker: BatchWorker, job: ProcessJob) -> BatchResult:
+    worker.set_layout(job.layout)
+    return worker.process(job.task)

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redi.backend import Backend, backend_options, make_backend
+from redi.backend import Backend, backend_options, make_backend, model_edits
 from redi.builtin import materialise_data, materialise_model
-from redi.config import Config, dump, to_dict, validate
+from redi.config import Config, dump, objective_line, to_dict, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
+from redi.hub import locate
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.objectives import make_objective
 from redi.training import checkpoint as ckpt
@@ -33,8 +34,7 @@ def load_tokenizer(model_path: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if not Path(model_path).exists() and (model_path.startswith((".", "/")) or model_path.count("/") != 1):
-        raise UserError(f"model path not found: {model_path}")
+    locate(model_path, "model", "model path")
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
@@ -56,17 +56,27 @@ def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder:
         objective = make_objective(cfg.objective, **cfg.objective_params())
     if not examples:
         raise UserError(f"no usable {stage} rows in {source} ({report.rows} read, dropped: {report.dropped or 'none'})")
+    _shrink_to_data(settings, len(examples))
     run = StageRun(stage, settings, examples, objective, cfg.seed)
     run.report = report.to_dict()  # type: ignore[attr-defined]
     return run
+
+
+def _shrink_to_data(settings, n_examples: int) -> None:
+    """A batch larger than the data is the data (what the step plan trains anyway); config.yaml records it.
+    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid."""
+    if n_examples >= settings.batch_size:
+        return
+    settings.batch_size = n_examples
+    settings.micro_batch_size = max(d for d in range(1, min(settings.micro_batch_size, n_examples) + 1)
+                                    if n_examples % d == 0)
 
 
 def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Guards:
     collapse = None
     if stage == "pairs":
         warmup = math.ceil(run.settings.warmup_ratio * run.plan().total_steps)
-        collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_drop, cfg.collapse_growth, cfg.collapse_severe_drop,
-                                    ignore_before=warmup)
+        collapse = CollapseDetector.from_config(cfg, ignore_before=warmup)
         for record in previous:  # a resumed run re-reads its window from metrics.jsonl
             if record.get("stage") == stage:
                 collapse.update(record)
@@ -134,7 +144,9 @@ def _prepare(cfg: Config, resume: bool, force: bool, backend: Backend | None) ->
                                                  materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
     encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
     if main:
-        dump(cfg, run_dir / "config.yaml")
+        if "pairs" in stages:
+            print(objective_line(cfg), flush=True)
+        dump(cfg, run_dir / "config.yaml", backend.name)
         if state:
             truncate_metrics(metrics_path, state["global_step"])
         elif metrics_path.exists():
@@ -156,9 +168,10 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
     session.reports[stage] = run.report  # type: ignore[attr-defined]
     if session.main:
         (run_dir / "data_report.json").write_text(json.dumps(session.reports, indent=2))
+        dump(cfg, run_dir / "config.yaml", backend.name)  # batch sizes after any shrink to the data
     two_stage_second = stage == "pairs" and len(session.stages) == 2
     backend.load(str(run_dir / "sft_final") if two_stage_second else session.model_path,
-                 precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk)
+                 precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk, **model_edits(cfg))
     if index == 0 or two_stage_second:
         check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0,
                         trainable=backend.num_trainable_parameters())

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from redi.backend import Backend, MicroBatch
 from redi.config import StageConfig
@@ -19,6 +19,7 @@ from redi.training import checkpoint as ckpt
 from redi.training.batching import StepPlan, lr_at
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.training.metrics import pair_step_metrics, sft_step_metrics
+from redi.training.progress import make_progress  # noqa: F401 (the callers' import)
 from redi.training.ranks import rank_share
 from redi.training.report_to import MetricsSink
 
@@ -81,13 +82,6 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_b
         np.save(tmp, ref)
         tmp.rename(cache)
     return ref
-
-
-def make_progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
-    )
 
 
 def run_stage(run: StageRun, backend: Backend, run_dir: Path, writer: MetricsSink, *, global_step: int,
@@ -189,8 +183,8 @@ def _raise_if_stopped(run: StageRun, guards: Guards, record: dict, collapsed: bo
         raise UserError(f"non-finite loss or gradient at {run.name} step {step} (global step {global_step}){where}; "
                         f"--set skip_nonfinite=N tolerates N such steps")
     if collapsed and guards.stop_on_collapse:
-        raise UserError(f"collapse at {run.name} step {step}: chosen and rejected LogPS fell together while "
-                        f"update_norm rose (stop_on_collapse is set); lower the learning rate or alpha")
+        raise UserError(f"collapse at {run.name} step {step}: chosen and rejected LogPS both fell to twice "
+                        f"their start or more (stop_on_collapse is set); lower the learning rate or alpha")
 
 
 def _progress_info(run: StageRun, record: dict, collapsed: bool) -> str:

@@ -1,7 +1,7 @@
 """Where each step's metrics record goes: metrics.jsonl always, plus the trackers named in ``report_to``.
 
 A sink is anything with ``write(record)`` and ``close()`` (``MetricsSink``). ``open_sinks`` builds the fan-out
-for one run: the jsonl writer first, then TensorBoard (event files under ``<run>/tensorboard/``) and W&B (its
+for one run (the names, ``redi.config.REPORT_TARGETS``, are checked by ``config.validate``): the jsonl writer first, then TensorBoard (event files under ``<run>/tensorboard/``) and W&B (its
 run files under ``<run>/wandb/``; ``WANDB_MODE=offline`` or ``disabled`` is honoured as W&B always does, and the
 project and run name come from the config keys ``wandb_project`` and ``wandb_run_name``).
 """
@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from redi.errors import UserError
-
-REPORT_TARGETS = ("tensorboard", "wandb")
 
 
 class MetricsSink(Protocol):
@@ -67,7 +65,12 @@ class WandbSink:
         self._run.log(data, step=_step(record))
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        # Stops W&B's service process, which writes the run files: without it a busy machine can end the
+        # program before the records reach run-*.wandb (seen with WANDB_MODE=offline on 2 loaded cores).
+        wandb.teardown()
 
 
 class FanOut:
@@ -92,12 +95,10 @@ class FanOut:
 
 
 def check_report_to(targets: list[str]) -> None:
-    """Config validation: known names, and the library of each installed (fail before training, not after it)."""
+    """The library of each target is installed (names are checked by config.validate); fails before training."""
     import importlib.util
 
     for target in targets:
-        if target not in REPORT_TARGETS:
-            raise UserError(f"config key 'report_to': unknown target '{target}'; choose from: {', '.join(REPORT_TARGETS)}")
         if importlib.util.find_spec(target) is None:
             raise UserError(f"report_to: {target} needs the {target} package: pip install 'redi[{target}]'")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from redi.training import checkpoint as ckpt
-from redi.config import Config, to_dict
+from redi.config import Config, resolved_dict
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
@@ -58,7 +58,7 @@ def config_drift(run_dir: Path, cfg: Config) -> list[str]:
     if not saved_path.exists():
         return []
     saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = flatten(to_dict(cfg))
+    now = flatten(resolved_dict(cfg))
     return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
 
@@ -74,3 +74,18 @@ def resume_point(run_dir: Path, two_stages: bool) -> dict:
         if state.get("stage") != "pairs" or state.get("global_step", 0) < sft_end:
             state = {"stage": "sft", "complete": True, "global_step": sft_end}
     return state
+
+
+def stopped_note(run_dir: Path) -> str:
+    """Where an interrupted run stopped and what `--resume` will pick up, in one line."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    last = json.loads(lines[-1]) if lines else None
+    where = f"after {last['stage']} step {last['step']} (global step {last['global_step']})" if last else "before the first step"
+    point = resume_point(run_dir, (run_dir / "sft_final").exists())
+    if point.get("checkpoint"):
+        start = f"continues from checkpoint {point['checkpoint']}"
+    elif point.get("complete"):
+        start = f"continues from {run_dir / 'sft_final'} (stage 1 finished)"
+    else:
+        start = "starts over (no checkpoint written yet; --save-every N writes them)"
+    return f"run stopped {where}; `redi train --resume {run_dir}` {start}"

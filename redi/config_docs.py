@@ -1,0 +1,100 @@
+"""What each config key does and which backend reads it: the source of `redi config show` and of the
+README's key table (`redi config show --markdown`; a test keeps the README in step). Defaults are not
+repeated here: they come from the dataclasses in redi/config.py."""
+from __future__ import annotations
+
+from typing import Any
+
+from redi.config import Config, _leaf_keys
+
+ALL = "all"
+
+_STAGE = {
+    "learning_rate": ("peak learning rate (linear warmup, then linear decay to 0)", ALL),
+    "batch_size": ("global batch: sequences (sft) or pairs (pairs) per optimizer step", ALL),
+    "micro_batch_size": ("sequences or pairs per forward/backward; batch_size must be a multiple", ALL),
+    "epochs": ("passes over the data (fractions allowed); ignored when max_steps > 0", ALL),
+    "max_steps": ("optimizer steps; 0: derived from epochs (on the command line, --max-steps 0 is a dry run)", ALL),
+    "warmup_ratio": ("share of the steps with linear warmup", ALL),
+    "weight_decay": ("AdamW weight decay", ALL),
+    "max_grad_norm": ("gradient clipping norm; 0: off", ALL),
+    "max_length": ("tokens per sequence; sft rows are right-truncated, longer pairs are dropped", ALL),
+    "max_prompt_length": ("drop pairs whose prompt is longer; 0: no separate limit (sft: must stay 0)", ALL),
+}
+
+KEY_DOCS: dict[str, tuple[str, str]] = {
+    "model": ("HF model folder, hub name, or builtin:tiny / builtin:demo", ALL),
+    "data": ("jsonl/parquet file, save_to_disk folder, hub name, `redi data pair` folder, or builtin:*", ALL),
+    "output": ("run folder", ALL),
+    "backend": ("cpu | cuda | mlx; empty: cuda if available, mlx on Apple silicon, else cpu", ALL),
+    "stage": ("sft | pairs | both", ALL),
+    "objective": ("stage 2 loss: redi | symmetric | dpo | simpo | orpo", ALL),
+    "alpha": ("REDI: weight of the rejected term (the paper's 0.8)", ALL),
+    "beta": ("DPO/SimPO beta, ORPO's lambda; empty: the objective's default (DPO 0.001, SimPO 2.0, ORPO 0.1)", ALL),
+    "gamma": ("SimPO target margin", ALL),
+    "seed": ("data order, model init of built-ins, sampling", ALL),
+    "save_every": ("checkpoint every N optimizer steps; 0: only the final model", ALL),
+    "keep_last": ("checkpoints kept (oldest pruned)", ALL),
+    "system_prompt": ("system turn added to conversational (message) rows; string rows ignore it", ALL),
+    "precision": ("auto: bf16 autocast over fp32 weights on CUDA, fp32 elsewhere | fp32 | bf16", ALL),
+    "lm_head_chunk": ("completion tokens per LM-head chunk (never full tokens x vocab logits)", ALL),
+    "lora_rank": ("> 0: rank-r LoRA adapters on lora_targets in every decoder block, base frozen", ALL),
+    "lora_scale": ("multiplies the adapter output (mlx-lm's scale; PEFT's lora_alpha / lora_rank)", ALL),
+    "lora_dropout": ("dropout on the adapter input (training passes only)", ALL),
+    "lora_dora": ("DoRA instead of LoRA", ALL),
+    "lora_targets": ("comma-separated block modules; empty: every attention and MLP linear", ALL),
+    "log_every": ("steps between plain progress lines when stdout is not a terminal", ALL),
+    "skip_nonfinite": ("tolerate up to N steps with a non-finite loss or gradient (skipped, logged)", ALL),
+    "stop_on_collapse": ("stop the run when the collapse alarm fires", ALL),
+    "collapse_window": ("collapse alarm: steps averaged at the start (after warmup) and now", ALL),
+    "collapse_drop": ("collapse alarm: nats/token both LogPS must have fallen by", ALL),
+    "collapse_ratio": ("collapse alarm: times as far below zero as at the start both LogPS must be", ALL),
+    "on_malformed": ("error | skip (skipped rows are counted and listed in data_report.json)", ALL),
+    "report_to": ("trackers fed each step's metrics besides metrics.jsonl: tensorboard, wandb", ALL),
+    "wandb_project": ("W&B project (report_to: wandb)", ALL),
+    "wandb_run_name": ("W&B run name; empty: the output folder's name", ALL),
+    "packing": ("padding-free rows with a document mask; false: right-padded batches (MLX: always padded)", ALL),
+    "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap)", ALL),
+    "compile": ("false | true | auto: torch.compile the decoder layers (auto: CUDA) / mx.compile (MLX: true)", ALL),
+    "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", ALL),
+    **{f"{stage}.{key}": (f"{stage}: {what}", who) for stage in ("sft", "pairs") for key, (what, who) in _STAGE.items()},
+    "model_config": ("edits to the model's config.json before loading (e.g. rope_theta), kept in checkpoints", ALL),
+    "task": ("free-form section of the built-in demo task (problem generator, evaluation)", "demo"),
+}
+
+
+def key_rows(cfg: Config | None = None) -> list[tuple[str, Any, Any, str, str]]:
+    """(key, value in ``cfg``, default, what, read by) for every key, in the dataclasses' order."""
+    values, defaults = _leaf_keys(cfg or Config()), _leaf_keys(Config())
+    missing = sorted(set(defaults) - set(KEY_DOCS))
+    if missing:  # a new key must be documented here; the tests catch this before a user does
+        raise KeyError(f"config keys without a line in redi/config_docs.py: {', '.join(missing)}")
+    return [(key, values[key], defaults[key], *KEY_DOCS[key]) for key in defaults]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"' if value == "" else value
+    if isinstance(value, dict):
+        return "{...}" if value else "{}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def markdown_table() -> str:
+    lines = ["| key | default | what it does | read by |", "|---|---|---|---|"]
+    for key, _, default, what, who in key_rows():
+        lines.append(f"| `{key}` | `{_show(default)}` | {what} | {who} |")
+    return "\n".join(lines) + "\n"
+
+
+def text_listing(cfg: Config) -> str:
+    """One line per key: resolved value, and the default where it differs (marked *)."""
+    rows = key_rows(cfg)
+    width = max(len(key) for key, *_ in rows)
+    out = []
+    for key, value, default, _, _ in rows:
+        changed = value != default
+        note = f"  (default {_show(default)})" if changed else ""
+        out.append(f"{'*' if changed else ' '} {key:<{width}}  {_show(value)}{note}")
+    return "\n".join(out) + "\n"
+

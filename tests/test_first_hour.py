@@ -1,0 +1,287 @@
+"""A new user's first hour (issue 15): wrong results caught, fast failures, one clear line each.
+
+Each CLI check asserts the exit code, one line on stderr naming the culprit, no traceback, and that nothing
+the user had was lost or overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def redi(*args, timeout=300, env=None):
+    proc = subprocess.run([sys.executable, "-m", "redi", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **(env or {})})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_line(code, out, err, expect=2):
+    assert code == expect, (code, out, err)
+    assert "Traceback" not in out + err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- 1: Ctrl-C
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "redi", "train", "--config", TINY, "--backend", "cpu",
+                             "--stage", "sft", "--max-steps", "400", "--save-every", "2", "--output", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics, t0 = run / "metrics.jsonl", time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < 240, "training never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    line = one_line(proc.returncode, out, err, expect=130)
+    assert f"redi train --resume {run}" in line and "checkpoints/step-" in line and "sft step" in line
+
+
+# ----------------------------------------------------------------------------- 4: one non-UTF-8 byte
+
+PAIR = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+
+
+def _pairs_with_bad_byte(path: Path) -> Path:
+    good = json.dumps(PAIR).encode()
+    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "chosen": "2", "rejected": "3"}\n' + good + b"\n")
+    return path
+
+
+def test_non_utf8_row_is_one_malformed_row(tmp_path):
+    from redi.data import iter_rows
+
+    rows = list(iter_rows(_pairs_with_bad_byte(tmp_path / "pairs.jsonl")))
+    assert [n for n, _ in rows] == [1, 2, 3]
+    assert rows[0][1] == PAIR and rows[2][1] == PAIR
+    assert isinstance(rows[1][1], ValueError) and "not UTF-8" in str(rows[1][1])
+
+
+def test_train_names_non_utf8_row_or_skips_it(tmp_path):
+    data = _pairs_with_bad_byte(tmp_path / "pairs.jsonl")
+    args = ["train", "--config", TINY, "--backend", "cpu", "--stage", "pairs", "--data", str(data), "--max-steps", "1"]
+    line = one_line(*redi(*args, "--output", str(tmp_path / "a")))
+    assert "pairs.jsonl row 2: not UTF-8" in line
+    code, out, err = redi(*args, "--output", str(tmp_path / "b"), "--set", "on_malformed=skip")
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "data_report.json").read_text())["pairs"]
+    assert report["kept"] == 2 and report["dropped"] == {"malformed": 1}
+    assert "row 2: not UTF-8" in report["malformed"][0]
+    # 20: training turns use_cache off; the saved model gets the original value back.
+    assert json.loads((tmp_path / "b" / "final" / "config.json").read_text())["use_cache"] is True
+
+
+def test_grade_names_non_utf8_line(tmp_path):
+    import pytest
+
+    from redi.errors import UserError
+    from redi.evaluation.grading import read_responses
+
+    path = tmp_path / "responses.jsonl"
+    good = json.dumps({"id": 1, "response": "\\boxed{2}", "answer": "2"}).encode()
+    path.write_bytes(good + b"\n" + b'{"id": 2, "response": "\\\\boxed{\xff}", "answer": "2"}\n')
+    with pytest.raises(UserError, match=r"responses.jsonl:2: not UTF-8"):
+        read_responses(path)
+
+
+# ----------------------------------------------------------------------------- 5: text that tokenizes to nothing
+
+
+def _q_only_model(root: Path) -> Path:
+    """A Qwen2 model whose byte-level vocabulary holds only 'q': any other text encodes to no ids."""
+    from redi.tiny import build_model
+
+    return build_model(root, alphabet="q")
+
+
+def _write_pairs(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rows_without_completion_tokens_are_dropped_and_counted(tmp_path):
+    from transformers import AutoTokenizer
+
+    from redi.data import Encoder, load_pairs
+
+    model = _q_only_model(tmp_path / "m")
+    rows = [{"prompt": "qq", "chosen": "q", "rejected": "qqq"}] * 3 + [{"prompt": "qq", "chosen": "7", "rejected": "q"}]
+    encoder = Encoder(AutoTokenizer.from_pretrained(model), source=str(model))
+    pairs, report = load_pairs(_write_pairs(tmp_path / "pairs.jsonl", rows), encoder, max_length=64)
+    assert len(pairs) == 3 and report.dropped == {"no_completion_tokens": 1}
+    assert all(len(p.chosen.completion) >= 2 and len(p.rejected.completion) >= 2 for p in pairs)  # text + EOS
+
+
+def test_tokenizer_that_covers_nothing_stops_with_one_line(tmp_path):
+    model = _q_only_model(tmp_path / "m")
+    data = _write_pairs(tmp_path / "pairs.jsonl", [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i)}
+                                                   for i in range(12)])
+    line = one_line(*redi("train", "--config", TINY, "--backend", "cpu", "--stage", "pairs", "--model", str(model),
+                          "--data", str(data), "--max-steps", "2", "--output", str(tmp_path / "run")))
+    assert f"tokenizer at {model}" in line and "12 of 12 rows" in line
+
+
+# ----------------------------------------------------------------------------- 8: missing paths fail at once
+
+
+def _timed(*args, env=None):
+    t0 = time.perf_counter()
+    result = redi(*args, env=env)
+    return time.perf_counter() - t0, result
+
+
+def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
+    data = _write_pairs(tmp_path / "pairs.jsonl", [PAIR] * 4)
+    cases = [
+        (["train", "--model", "runs/sftt", "--data", str(data)], "model path not found: runs/sftt", {}),
+        (["train", "--model", tiny_model_dir, "--stage", "pairs", "--data", "bad/x.jsonl"],
+         "data path not found: bad/x.jsonl", {}),
+        (["data", "pair", "bad/x.jsonl"], "input not found: bad/x.jsonl", {}),
+        (["eval", "--model", tiny_model_dir, "--benchmark", "math500", "--limit", "1"], "math500", {}),
+        # Not offline, but the hub cannot be reached: still one line, without the hub client's retries.
+        (["train", "--model", "runs/sftt", "--data", str(data)], "the hub is unreachable",
+         {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+    ]
+    for i, (args, expected, env) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        seconds, result = _timed(*args, "--output", str(out), env=env)
+        line = one_line(*result)
+        assert expected in line and "not" in line, line
+        assert seconds < 25, (args, seconds)  # process start and imports; the hub retries took 30-50 s
+
+
+# ----------------------------------------------------------------------------- 12, 19: redi data pair
+
+FLAT = {"id": "p0", "problem": "1 + 1?", "answer": "2", "generations": ["3", "2"], "correct": [False, True]}
+
+
+def data_pair(*args, capsys):
+    from redi.cli.main import main
+
+    code = main(["data", "pair", *map(str, args), "--workers", "0", "--shuffle-seed", "none"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_data_pair_with_no_pairs_exits_non_zero(tmp_path, capsys):
+    every_row_bad = _write_pairs(tmp_path / "bad.jsonl", [{"id": "a", "problem": "x"}, {"id": "b", "problem": "y"}])
+    line = one_line(*data_pair(every_row_bad, "--schema", "flat", "-o", tmp_path / "out", capsys=capsys))
+    assert "no pairs came out of" in line and "malformed 2" in line and "report.json" in line
+    all_correct = _write_pairs(tmp_path / "easy.jsonl", [{**FLAT, "correct": [True, True]}])
+    line = one_line(*data_pair(all_correct, "-o", tmp_path / "out2", capsys=capsys))
+    assert "no pairs came out of" in line
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["sft_rows"] == 1  # the report is still there
+
+
+def test_data_pair_refuses_a_non_empty_folder_without_force(tmp_path, capsys):
+    traces = _write_pairs(tmp_path / "traces.jsonl", [FLAT, {**FLAT, "id": "p1"}])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "pairs.jsonl").write_text("mine\n")
+    line = one_line(*data_pair(traces, "-o", run, capsys=capsys))
+    assert str(run) in line and "training run" in line and "--force" in line
+    assert (run / "pairs.jsonl").read_text() == "mine\n" and sorted(p.name for p in run.iterdir()) == [
+        "metrics.jsonl", "pairs.jsonl"]
+    code, _, err = data_pair(traces, "-o", run, "--format", "jsonl", "--force", capsys=capsys)
+    assert code == 0, err
+    assert len((run / "pairs.jsonl").read_text().splitlines()) == 2 and (run / "metrics.jsonl").exists()
+
+
+def test_row_numbers_are_one_based_in_pair_and_train(tmp_path, capsys):
+    lines = [json.dumps(FLAT), "{not json", json.dumps({**FLAT, "id": "p2"})]
+    (tmp_path / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, _ = data_pair(tmp_path / "traces.jsonl", "-o", tmp_path / "out", capsys=capsys)
+    assert code == 0
+    [entry] = json.loads((tmp_path / "out" / "report.json").read_text())["malformed"]
+    assert entry["row"] == 2 and "line 2" in entry["reason"] and "malformed row 2" in out
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join([json.dumps(PAIR), "{not json", json.dumps(PAIR)]) + "\n")
+    from redi.data import iter_rows
+
+    assert [n for n, row in iter_rows(pairs) if isinstance(row, ValueError)] == [2]
+
+
+# ----------------------------------------------------------------------------- 18: the knobs, findable
+
+
+def test_version_short_help_and_config_show(capsys):
+    from importlib.metadata import version
+
+    from redi.cli.main import main
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"redi {version('redi')}"
+    assert main(["train", "-h"]) == 0 and "--max-steps" in capsys.readouterr().out
+    assert main(["config", "show", "--set", "alpha=0.5", "--set", "pairs.learning_rate=2e-6"]) == 0
+    lines = {line[2:].split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    from redi.config import valid_keys
+
+    assert set(lines) == set(valid_keys())  # every key, and nothing else
+    assert lines["alpha"].startswith("* ") and lines["alpha"].split()[2:] == ["0.5", "(default", "0.8)"]
+    assert lines["pairs.learning_rate"].split()[2:] == ["2e-06", "(default", "1e-06)"]
+    assert lines["seed"].split() == ["seed", "42"]
+
+
+def test_readme_config_table_is_generated_from_the_code():
+    from redi.config_docs import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
+    assert table == markdown_table(), "README's key table is stale: paste `redi config show --markdown`"
+
+
+# ----------------------------------------------------------------------------- 14: string rows skip the template
+
+
+def test_system_prompt_with_string_rows_warns_once(tmp_path, tiny_tokenizer, capsys):
+    from redi.data import Encoder, load_pairs
+
+    data = _write_pairs(tmp_path / "pairs.jsonl", [PAIR] * 3)
+    load_pairs(data, Encoder(tiny_tokenizer, system_prompt="Be brief."), max_length=64)
+    err = capsys.readouterr().err
+    assert err.count("warning: system_prompt is set but the rows are plain strings") == 1
+    messages = {"prompt": [{"role": "user", "content": "1+1="}], "chosen": [{"role": "assistant", "content": "2"}],
+                "rejected": [{"role": "assistant", "content": "3"}]}
+    pairs, _ = load_pairs(_write_pairs(tmp_path / "m.jsonl", [messages]), Encoder(tiny_tokenizer, system_prompt="Be brief."),
+                          max_length=256)
+    assert capsys.readouterr().err == ""
+    assert "Be brief." in tiny_tokenizer.decode(pairs[0].chosen.prompt.tolist())
+
+
+# ----------------------------------------------------------------------------- 16: progress in a log file
+
+
+def test_plain_progress_lines_when_not_a_terminal():
+    import io
+
+    from redi.training.progress import PlainProgress, make_progress
+
+    assert isinstance(make_progress(), PlainProgress)  # pytest's captured stdout is not a terminal
+    stream = io.StringIO()
+    progress = PlainProgress(every=10, seconds=3600, stream=stream)
+    task = progress.add_task("stage pairs", total=25, info="")
+    long_info = "loss 0.5 " + "x" * 150
+    for _ in range(25):
+        progress.update(task, advance=1, info=long_info)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines] == ["1/25", "10/25", "20/25", "25/25"]
+    assert all(long_info in line for line in lines)  # never cut at 80 columns
+    stream = io.StringIO()
+    slow = PlainProgress(every=1000, seconds=0.0, stream=stream)  # the time floor alone prints every update
+    task = slow.add_task("reference log-probs", total=None, info="")
+    for _ in range(3):
+        slow.advance(task, 4)
+    assert [line.split()[2] for line in stream.getvalue().splitlines()] == ["4", "8", "12"]
