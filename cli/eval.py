@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="HF model directory (or hub name when online)."),
         benchmark: List[str] = typer.Option(..., "--benchmark", help="math500 | aime24 | amc23 | minerva | olympiadbench (the paper's files, shipped), hf:<hub dataset>, or a jsonl/parquet with problem and answer. Repeatable."),
         output: str = typer.Option("eval", "--output", help="Folder for samples.jsonl, results.json and settings.json."),
-        engine: Optional[str] = typer.Option(None, "--engine", help="vllm | native (default: vllm when installed, else native)."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="vllm | native (default: native when --backend is given, else vllm when installed, else native)."),
         backend: str = typer.Option("", "--backend", help="The native engine's backend: cpu | cuda | mlx (default: as redi train)."),
         grader: Optional[str] = typer.Option(None, "--grader", help="rllm (the paper's) | math-verify (default: rllm with --template paper, else math-verify)."),
         tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model copy."),

@@ -1,6 +1,7 @@
 """`redi train`: flags override the config file, `--set` overrides both."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,7 +36,7 @@ def build_config(config: Optional[Path], backend: Optional[str], stage: Optional
         if value is not None:
             setattr(cfg, key, value)
     for stage_cfg in (cfg.sft, cfg.pairs):
-        if max_steps is not None:
+        if max_steps:  # 0 is the dry run (see train below), not the config's "derive from epochs"
             stage_cfg.max_steps = max_steps
         if max_length is not None:
             stage_cfg.max_length = max_length
@@ -70,6 +71,7 @@ def train(
 
     Unset flags keep the recipe's value; `redi config show` lists every key with its default."""
     from redi.training.api import train as run_train
+    from redi.training.preflight import check_model_has_data
 
     if resume is not None:
         if not (resume / "config.yaml").exists():
@@ -80,6 +82,11 @@ def train(
     demo = config is None and model is None and data is None and resume is None and stage is None
     cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
                        save_every, overrides)
+    check_model_has_data(cfg, model, data)
+    if objective is not None and cfg.stage == "sft":
+        print(f"warning: --objective {objective} is ignored with --stage sft (stage 1 is plain SFT)", file=sys.stderr)
+    if max_steps is not None and max_steps < 0:
+        raise UserError(f"--max-steps must be 0 (a dry run) or more, got {max_steps}")
     if keep_last is not None:
         cfg.keep_last = keep_last
     if skip_nonfinite is not None:
@@ -89,18 +96,20 @@ def train(
     if dry_run:
         _print_resolved(cfg)
         return
-    if demo and cfg.model == "builtin:demo":
+    if demo and cfg.model == "builtin:demo" and max_steps != 0:
         # No model, data or recipe given: the built-in demo (data -> SFT -> REDI -> held-out evaluation).
         from redi.experiments.demo import run_demo
 
         run_demo(cfg)
         return
     try:
-        summary = run_train(cfg, resume=resume is not None, force=force)
+        summary = run_train(cfg, resume=resume is not None, force=force, dry_run=max_steps == 0)
     except KeyboardInterrupt:
         from redi.training.run_folder import stopped_note
 
         raise Interrupted(stopped_note(Path(cfg.output))) from None
+    if summary.get("dry_run") or summary.get("already_finished"):
+        return
     typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -214,8 +216,16 @@ def _set(cfg: Config, key: str, raw: Any, where: str) -> None:
     setattr(target, parts[-1], _coerce(key, raw, hint, where))
 
 
+# Keys of earlier versions that no longer do anything: a run folder's saved config.yaml may still hold them.
+RETIRED_KEYS = {"collapse_growth": "the collapse alarm no longer reads the update norm",
+                "collapse_severe_drop": "the collapse alarm has one rule now"}
+
+
 def apply_mapping(cfg: Config, mapping: dict, where: str) -> Config:
     for key, value in mapping.items():
+        if key in RETIRED_KEYS:
+            print(f"warning: {where}: key '{key}' is ignored ({RETIRED_KEYS[key]})", file=sys.stderr)
+            continue
         _set(cfg, str(key), value, where)
     return cfg
 
@@ -265,8 +275,6 @@ def validate(cfg: Config) -> Config:
     if cfg.beta is not None and cfg.beta <= 0:
         raise UserError(f"config key 'beta' must be positive, got {cfg.beta!r}")
     if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
-        import sys
-
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
     check_memory_options(cfg.activation_checkpointing, cfg.optim_state_dtype)
     compile_mode(cfg.compile)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from redi.backend import OPTION_KEYS
 from redi.config import Config, _leaf_keys
 
-ALL = "all"
+ALL = "all"  # the core reads it, whatever the backend
 
 _STAGE = {
     "learning_rate": ("peak learning rate (linear warmup, then linear decay to 0)", ALL),
@@ -55,7 +56,8 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "wandb_run_name": ("W&B run name; empty: the output folder's name", ALL),
     "packing": ("padding-free rows with a document mask; false: right-padded batches (MLX: always padded)", ALL),
     "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap)", ALL),
-    "compile": ("false | true | auto: torch.compile the decoder layers (auto: CUDA) / mx.compile (MLX: true)", ALL),
+    "compile": ("false | true | auto: torch.compile the decoder layers (auto: CUDA) / mx.compile (MLX: true); "
+                "eager, with one warning line, if compiling fails", ALL),
     "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", ALL),
     **{f"{stage}.{key}": (f"{stage}: {what}", who) for stage in ("sft", "pairs") for key, (what, who) in _STAGE.items()},
     "model_config": ("edits to the model's config.json before loading (e.g. rope_theta), kept in checkpoints", ALL),
@@ -69,12 +71,20 @@ def key_rows(cfg: Config | None = None) -> list[tuple[str, Any, Any, str, str]]:
     missing = sorted(set(defaults) - set(KEY_DOCS))
     if missing:  # a new key must be documented here; the tests catch this before a user does
         raise KeyError(f"config keys without a line in redi/config_docs.py: {', '.join(missing)}")
-    return [(key, values[key], defaults[key], *KEY_DOCS[key]) for key in defaults]
+    return [(key, values[key], defaults[key], KEY_DOCS[key][0], _readers(key, KEY_DOCS[key][1])) for key in defaults]
+
+
+def _readers(key: str, default: str) -> str:
+    """Backend options are read by the backends that list them in redi.backend.OPTION_KEYS; the rest by the core."""
+    readers = [name for name, keys in OPTION_KEYS.items() if key in keys]
+    return ", ".join(readers) if readers else default
 
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"' if value == "" else value
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
     if isinstance(value, dict):
         return "{...}" if value else "{}"
     return str(value).lower() if isinstance(value, bool) else str(value)

@@ -16,7 +16,6 @@ engines (different RNGs), which tokens/s accounts for.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +67,7 @@ def bench_shape(shape: str, args) -> list[dict]:
             seconds, tokens = _time_engine(engine, _prompts(engine.tokenizer, args.prompts), args, stops)
             rows.append({"shape": shape, "engine": name, "tokens": tokens, "seconds": seconds,
                          "tok_s": tokens / seconds})
+            print(f"# {shape} {name}: {tokens} tokens in {seconds:.2f} s", flush=True)
             if hasattr(engine, "close"):
                 engine.close()
             del engine
@@ -85,15 +85,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="native engine rows")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, args)]
     print(f"\n{args.prompts} prompts x {args.samples} samples, <= {args.max_new_tokens} new tokens, T 0.6, top-p 0.95; "
-          f"native backend {args.backend}; median of {args.repeats} timed calls after 1 warm-up")
-    print(f"{'shape':<14}{'engine':<8}{'tokens':>8}{'wall s':>9}{'tok/s':>9}{'vs native':>11}")
-    for row in rows:
-        native = next((r for r in rows if r["shape"] == row["shape"] and r["engine"] == "native"), None)
-        ratio = f"{row['tok_s'] / native['tok_s']:.2f}x" if native else "-"
-        print(f"{row['shape']:<14}{row['engine']:<8}{row['tokens']:>8}{row['seconds']:>9.2f}{row['tok_s']:>9.0f}"
-              f"{ratio:>11}")
+          f"native backend {args.backend}; median of {args.repeats} timed calls after 1 warm-up", flush=True)
+    print(f"{'shape':<14}{'engine':<8}{'tokens':>8}{'wall s':>9}{'tok/s':>9}{'vs native':>11}", flush=True)
+    for shape in args.shapes.split(","):
+        rows = bench_shape(shape, args)
+        for row in rows:
+            native = next((r for r in rows if r["engine"] == "native"), None)
+            ratio = f"{row['tok_s'] / native['tok_s']:.2f}x" if native else "-"
+            print(f"{row['shape']:<14}{row['engine']:<8}{row['tokens']:>8}{row['seconds']:>9.2f}{row['tok_s']:>9.0f}"
+                  f"{ratio:>11}", flush=True)
 
 
 if __name__ == "__main__":  # vLLM starts its workers with spawn: they re-import this file

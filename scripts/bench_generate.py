@@ -4,7 +4,7 @@ in one run.
     python scripts/bench_generate.py --demo                          # CPU: the demo's stage-1 teacher, 20 problems
     python scripts/bench_generate.py --demo --engines native,vllm    # both engines (vLLM venv)
     python scripts/bench_generate.py --shape qwen2.5-1.5b --backend cuda --problems 64 --samples 4 \\
-        --max-new-tokens 4096                                        # GPU: a random 1.5B-shape model
+        --max-new-tokens 1024 --batch-size 256                       # GPU: a random 1.5B-shape model
 
 Each engine is started once (its start is timed apart), runs one warm-up chunk into a scratch folder, then
 generates the whole set through ``generate_traces`` into a fresh folder; the numbers are that run's
@@ -25,29 +25,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
-# hidden, intermediate, layers, heads, kv heads (scripts/bench.py's SHAPES; the vocabulary here is the
-# local character tokenizer's, padded to the real size so the LM head costs what it costs).
-SHAPES = {"qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936), "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936),
-          "small": (256, 1024, 4, 4, 2, 4096)}
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_eval import SHAPES  # noqa: E402  (the eval benchmark's shapes: one list of model shapes)
 
 
 def random_model(shape: str, out: Path) -> Path:
-    """A random-init Qwen2 of ``shape`` with the local tokenizer, saved in bf16 (what a GPU run loads)."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    """A random-init Qwen2 of ``shape`` with the local character tokenizer (as scripts/bench_eval.py)."""
+    from redi.tiny import build_model
 
-    from redi.tiny import build_tokenizer
-
-    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    build_tokenizer(out)
-    eos = AutoTokenizer.from_pretrained(str(out)).eos_token_id
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                      rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos,
-                      bos_token_id=eos)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(out))
-    return out
+    return Path(build_model(out, shape=SHAPES[shape], seed=0))
 
 
 def synthetic_problems(path: Path, count: int) -> Path:
@@ -65,9 +51,11 @@ def bench_engine(name: str, teacher: Path, problems: Path, args, scratch: Path) 
                                 max_new_tokens=args.max_new_tokens, engine=name, backend=args.backend,
                                 chunk_problems=args.chunk_problems, workers=0, **args.prompting)
     started = time.perf_counter()
-    engine = make_engine(name, str(teacher), backend=args.backend, tokenizer=load_tokenizer(str(teacher)))
+    engine = make_engine(name, str(teacher), backend=args.backend, tokenizer=load_tokenizer(str(teacher)),
+                         batch_size=args.batch_size)
     start_s = time.perf_counter() - started
-    warm = GenerateSettings(**{**settings.__dict__, "limit": min(args.chunk_problems, 4)})
+    warm = GenerateSettings(**{**settings.__dict__, "limit": min(args.chunk_problems, 4),
+                               "max_new_tokens": min(64, args.max_new_tokens)})
     generate_traces(str(teacher), str(problems), scratch / f"warmup-{name}", warm, engine=engine)
     result = generate_traces(str(teacher), str(problems), scratch / f"run-{name}", settings, engine=engine)
     run = result.report["this_run"]
@@ -90,6 +78,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--chunk-problems", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="the native engine's concurrent rows")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
 

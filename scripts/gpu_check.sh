@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of the torch backend: run from the repo root on a machine with an NVIDIA GPU.
 #
-#   scripts/gpu_check.sh [all|tests|bench4k|bench16k|evalnative]...  (default: all = tests bench4k bench16k
-#                                                                     evalnative; cpugates on demand)
+#   scripts/gpu_check.sh [all|tests|bench4k|bench16k|fsdp2|profile|evalnative|generate]...
+#       (default: all = tests bench4k bench16k fsdp2 profile evalnative; cpugates, longest and generate on demand)
 #
 # 1. installs the wheels carried in .whl/ (trl, datasets and their missing dependencies) into /tmp/site,
 #    and this repo (editable, no dependencies; a symlink fallback if pip cannot build it offline);
 # 2. tests: the CUDA tests (tests/test_cuda.py), then the CPU gates again under this machine's torch and
 #    transformers (packing, log-probs, 2-process gloo/FSDP2);
-# 3. bench4k / bench16k: scripts/bench.py --with-trl at max length 4,096 and 16,384 (trl_baseline.py is
-#    looked up in .whl/, shared/tools/ or ../shared/tools/, or $REDI_TRL_BASELINE), plus the longest pair.
+# 3. bench4k / bench16k (issue 18): scripts/bench.py --with-trl at max length 4,096 and 16,384, 20 timed steps
+#    after 5 warm-up on both sides; TRL's CPO-SimPO (scripts/bench_trl.py, one process per setting) with
+#    gradient checkpointing on and off; ours eager, compile=true, and compiled at the memory targets (auto:24 at
+#    4k, auto:40 at 16k); fsdp2: torchrun --nproc-per-node 1 (FSDP2 over NCCL) with compile=true at 4k;
+#    profile: torch.profiler over one compiled step at 4k (top 15 kernels, profile-4096.md); longest (on
+#    demand): the longest pair that fits. Two calls fit one 15-minute lease (docs/cuda.md, "The GPU check").
 # 4. evalnative (issue 13): scripts/bench_eval.py, the native eval engine on a random Qwen2.5-1.5B shape
 #    (a 90-token vocabulary: the real model's 151,936-row LM head is not in this number).
 # Everything is written under $OUT (default ./gpu-out): gpu_check.log, env.txt, cuda_tests.log,
-# bench-4096.{md,json}, bench-16384.{md,json}. Each phase has its own time limit, so a slow phase cannot
-# eat the others; the default run took 324 s on one H200 (2026-11-27).
+# bench-4096.{md,json}, bench-16384.{md,json}, bench-fsdp2-4096.{md,json}, profile-4096.md. Each phase has
+# its own time limit, so a slow phase cannot eat the others.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -63,13 +67,6 @@ print("redi backend from", b.__file__)
 EOF
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" | tee -a "$LOG"
-TRL_FLAG=--with-trl
-found=""
-for f in "${REDI_TRL_BASELINE:-}" .whl/trl_baseline.py shared/tools/trl_baseline.py ../shared/tools/trl_baseline.py; do
-    [ -n "$f" ] && [ -f "$f" ] && found=$f && break
-done
-[ -n "$found" ] && log "TRL baseline: $found" || log "WARNING: trl_baseline.py not found: no TRL comparison"
-
 # ---------------------------------------------------------------- tests
 # Phase limits (seconds) fit one call inside a 15-minute device lease: T_TESTS, T_4K, T_16K.
 if want tests; then
@@ -83,28 +80,45 @@ if want cpugates; then  # the CPU gates under this machine's torch/transformers 
     log "CPU gates exit $? ($(tail -1 "$OUT/cuda_tests.log"))"
 fi
 
-# ---------------------------------------------------------------- benchmarks
+# ------------------------------------------------ training benchmarks (issue 18: window, TRL, compile, FSDP2)
+# Both sides: $STEPS timed steps after $WARMUP warm-up steps (the first ones include compiling). TRL first,
+# each setting in its own process and limit, so that TRL's peak is measured on a card nobody else holds.
+STEPS=${STEPS:-20}; WARMUP=${WARMUP:-5}
 LEN4K="--max-len 4096"; LEN16K="--max-len 16384"; LONGEST="--longest 19800 32768"; SMOKE=""
 if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ]; then
     log "no CUDA here: the bench phases run as CPU smoke checks (--tiny)"
     SMOKE=--tiny; LEN4K="--max-len 256"; LEN16K="--max-len 512"; LONGEST="--longest 512"
+    export REDI_COMPILE_BACKEND=${REDI_COMPILE_BACKEND:-aot_eager}  # no C++ compile on a CPU smoke run
 fi
-# TRL's trainers first, each in its own process with its own limit (--trl-timeout), then ours.
+BENCH="scripts/bench.py $SMOKE --steps $STEPS --warmup $WARMUP --out $OUT"
+COMPILED="redi+compile=true"
 if want bench4k; then
     log "bench at 4k"
-    timeout ${T_4K:-250} $PY scripts/bench.py $SMOKE $LEN4K --steps 4 --warmup 2 --out "$OUT" $TRL_FLAG \
-        --trl-runs simpo,sft,dpo --trl-timeout 75 \
-        --runs "redi,sft,simpo,dpo,redi+activation_checkpointing=auto:24+optim_state_dtype=bf16" \
-        >>"$LOG" 2>&1
+    timeout ${T_4K:-320} $PY $BENCH $LEN4K --with-trl --trl-runs simpo --trl-settings gc,nogc --trl-timeout 110 \
+        --runs "redi,$COMPILED,$COMPILED+activation_checkpointing=auto:24+optim_state_dtype=bf16" >>"$LOG" 2>&1
     log "bench 4k exit $?"
 fi
-if want bench16k; then
+if want bench16k; then  # TRL's CPO-SimPO ran out of memory at 16k on 2026-11-27; nogc is skipped if gc does
     log "bench at 16k"
-    timeout ${T_16K:-180} $PY scripts/bench.py $SMOKE $LEN16K --steps 3 --warmup 1 --out "$OUT" $TRL_FLAG \
-        --trl-runs simpo --trl-timeout 100 \
-        --runs "redi,redi+activation_checkpointing=auto:40+optim_state_dtype=bf16" $LONGEST \
-        >>"$LOG" 2>&1
+    timeout ${T_16K:-400} $PY $BENCH $LEN16K --with-trl --trl-runs simpo --trl-settings gc,nogc --trl-timeout 120 \
+        --runs "redi,$COMPILED,$COMPILED+activation_checkpointing=auto:40+optim_state_dtype=bf16" >>"$LOG" 2>&1
     log "bench 16k exit $?"
+fi
+if want fsdp2; then  # one rank under torchrun is still sharded: FSDP2's hooks and NCCL, compiled layers
+    log "FSDP2 (torchrun, 1 rank) with compile at 4k"
+    timeout ${T_FSDP:-130} $PY -m torch.distributed.run --nproc-per-node 1 --standalone $BENCH $LEN4K \
+        --runs "$COMPILED" --stem bench-fsdp2 >>"$LOG" 2>&1
+    log "fsdp2 exit $?"
+fi
+if want profile; then
+    log "profile of one compiled step at 4k"
+    timeout ${T_PROFILE:-100} $PY scripts/profile_step.py $SMOKE $LEN4K --run "$COMPILED" \
+        --out "$OUT/profile-${LEN4K##* }.md" >>"$LOG" 2>&1
+    log "profile exit $?"
+fi
+if want longest && [ "${PHASES[*]}" != all ]; then  # on demand only: measured on 2026-11-27
+    timeout ${T_LONGEST:-150} $PY $BENCH $LEN16K --runs "" $LONGEST --stem bench-longest >>"$LOG" 2>&1
+    log "longest exit $?"
 fi
 for f in "$OUT"/bench-*.md; do [ -e "$f" ] && { echo; cat "$f"; } | tee -a "$LOG"; done
 # ------------------------------------------------ eval engine (issue 13; separate from the training benches)
@@ -118,4 +132,16 @@ if want evalnative; then
     timeout ${T_EVAL:-300} $PY scripts/bench_eval.py $EVAL_ARGS 2>&1 | tee "$OUT/bench-eval-native.txt" >>"$LOG"
     log "eval engine exit ${PIPESTATUS[0]}"
 fi
+# ---------------------------------------------------------------- redi data generate (issue 19)
+# Not yet run on a GPU. Native engine (vLLM is not on the GPU image), a random Qwen2.5-1.5B shape, 64 problems
+# x 4 samples x 1,024 new tokens, all 256 rows at once: traces/s and tokens/s for the README's generate section.
+if [[ " ${PHASES[*]} " == *" generate "* ]]; then  # on demand: the default phases above fill a lease
+    GEN="--shape qwen2.5-1.5b --backend cuda --problems 64 --samples 4 --max-new-tokens 1024 --batch-size 256"
+    [ -n "$SMOKE" ] && GEN="--shape tiny --backend cpu --problems 8 --samples 2 --max-new-tokens 16"
+    log "bench generate"
+    timeout ${T_GEN:-240} $PY scripts/bench_generate.py $GEN --json "$OUT/bench-generate.json" \
+        >"$OUT/bench-generate.md" 2>>"$LOG"
+    log "bench generate exit $?"
+fi
+[ -e "$OUT/bench-generate.md" ] && cat "$OUT/bench-generate.md" | tee -a "$LOG"
 log "done"

@@ -1,9 +1,10 @@
 """The `redi data generate` chain on the CPU, shared by tests/test_generate_chain.py (native engine) and the
 vLLM test: a demo stage-1 teacher, generate on held-out demo problems, pair, train two REDI steps.
 
-The teacher is the built-in demo's stage-1 model, made cheap: 2-digit addition and a 64-wide, 2-layer shape,
-300 SFT steps (40-150 s on the shared 2-core box). At T = 0.6 about a quarter of its traces are right (21 of
-80 in one run; greedy ~45%), so they come out both right and wrong.
+The teacher is the built-in demo's stage-1 model, made cheap: 2-digit addition and a 64-wide, 2-layer shape
+(head dim 32: vLLM's CPU attention takes 32 and up),
+300 SFT steps (40-150 s on the shared 2-core box). At T = 0.6 about half of its traces are right (36 of
+80 in one run), so they come out both right and wrong.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def train_demo_teacher(out: Path) -> tuple[Path, Path]:
         cfg.sft.max_steps, cfg.sft.batch_size, cfg.sft.micro_batch_size = 300, 32, 32
         cfg.sft.learning_rate = 3e-3
         cfg.task.update({"problems": 1500, "eval_problems": PROBLEMS, "min_digits": 2, "max_digits": 2,
-                         "model": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2}})
+                         "model": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                                   "num_attention_heads": 2, "num_key_value_heads": 2}})
         train(cfg)
     finally:
         torch.set_num_threads(threads)

@@ -136,3 +136,25 @@ def test_torchrun_one_rank_fsdp2_compiled_matches_eager(tmp_path, tiny_model_dir
     np.testing.assert_allclose(l_compiled, l_eager, atol=1e-5, rtol=0)
     assert l_eager[-1] != l_eager[0]
     assert Path(compiled / "final" / "model.safetensors").exists()
+
+
+def test_lm_head_kernel_falls_back_with_one_warning_line(capsys):
+    """The LM-head kernels' own fall-back (CUDA compiles them always): inductor with no C++ compiler fails for
+    real; the call returns the eager result and the next call goes straight to eager, without a new warning."""
+    from torch._inductor import config as inductor_config
+
+    from redi.backends.torch_cuda import logprobs
+
+    def scaled_lse(x):
+        return torch.logsumexp(x * 2.0, dim=-1)
+
+    x = torch.randn(4, 7)
+    call = logprobs._kernel("test-only scaled_lse", scaled_lse)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        got = call(x)
+        again = call(x)
+    torch.testing.assert_close(got, scaled_lse(x), rtol=0, atol=0)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: torch.compile of the LM-head test-only scaled_lse failed (")
+    assert logprobs._KERNELS.pop("test-only scaled_lse") is scaled_lse

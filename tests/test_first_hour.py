@@ -17,9 +17,9 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def redi(*args, timeout=300, env=None):
+def redi(*args, timeout=300, env=None, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "redi", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**ENV, **(env or {})})
+                          env={**ENV, **(env or {})}, cwd=cwd)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -137,10 +137,21 @@ def test_tokenizer_that_covers_nothing_stops_with_one_line(tmp_path):
 # ----------------------------------------------------------------------------- 8: missing paths fail at once
 
 
-def _timed(*args, env=None):
+def _timed(*args, env=None, cwd=None):
     t0 = time.perf_counter()
-    result = redi(*args, env=env)
+    result = redi(*args, env=env, cwd=cwd)
     return time.perf_counter() - t0, result
+
+
+def test_looks_local(tmp_path, monkeypatch):
+    from redi.hub import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    hub = ["Qwen/Qwen2.5-Math-1.5B", "open-r1/OpenR1-Math-220k", "runs/sftt"]
+    local = ["./m", "/abs/m", "~/m", "a/b/c", "model", "bad/x.jsonl", "data/train.parquet"]
+    assert [looks_local(s) for s in hub] == [False] * 3 and all(looks_local(s) for s in local)
+    (tmp_path / "runs").mkdir()
+    assert looks_local("runs/sftt")  # its first part is a local folder
 
 
 def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
@@ -157,7 +168,8 @@ def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
     ]
     for i, (args, expected, env) in enumerate(cases):
         out = tmp_path / f"out{i}"
-        seconds, result = _timed(*args, "--output", str(out), env=env)
+        # In an empty folder: `runs/sftt` is hub-shaped only while no local `runs/` exists.
+        seconds, result = _timed(*args, "--output", str(out), env=env, cwd=tmp_path)
         line = one_line(*result)
         assert expected in line and "not" in line, line
         assert seconds < 25, (args, seconds)  # process start and imports; the hub retries took 30-50 s
@@ -285,3 +297,88 @@ def test_plain_progress_lines_when_not_a_terminal():
     for _ in range(3):
         slow.advance(task, 4)
     assert [line.split()[2] for line in stream.getvalue().splitlines()] == ["4", "8", "12"]
+
+
+# ----------------------------------------------------------------------------- 9, 10, 21: check before training
+
+
+def _sft_rows(n: int) -> list[dict]:
+    return [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(n)]
+
+
+def test_both_stages_are_checked_before_any_step_and_nothing_is_left(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_pairs(data / "sft.jsonl", _sft_rows(20))
+    (data / "pairs.jsonl").write_text("\n")  # an empty pair set
+    run = tmp_path / "run"
+    line = one_line(*redi("train", "--config", TINY, "--backend", "cpu", "--stage", "both", "--model", tiny_model_dir,
+                          "--data", str(data), "--output", str(run)))
+    assert "no usable pairs rows" in line and "pairs.jsonl" in line
+    assert not run.exists()  # 21: no half-made run folder, and stage 1 never trained
+    line = one_line(*redi("train", "--config", TINY, "--backend", "cpu", "--model", tiny_model_dir, "--output", str(run)))
+    assert f"--model {tiny_model_dir} needs --data" in line  # 10: not the built-in toy set
+    assert not run.exists()
+
+
+def test_failed_start_keeps_an_existing_folder_and_its_files(tmp_path, tiny_model_dir):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    line = one_line(*redi("train", "--config", TINY, "--backend", "cpu", "--stage", "pairs", "--model", tiny_model_dir,
+                          "--data", str(tmp_path / "missing.jsonl"), "--output", str(run)))
+    assert "missing.jsonl" in line and (run / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- 11, 13, 20: dry run and accounts
+
+
+def test_max_steps_0_checks_prints_the_plan_and_trains_nothing(tmp_path, tiny_model_dir):
+    pairs = [PAIR] * 5 + [{"prompt": "", "chosen": "4", "rejected": "5"}, {"prompt": "2+2=", "chosen": "4", "rejected": "4"}]
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_pairs(data / "sft.jsonl", _sft_rows(40))
+    _write_pairs(data / "pairs.jsonl", pairs + ["not an object"])
+    run = tmp_path / "run"
+    code, out, err = redi("train", "--config", TINY, "--backend", "cpu", "--stage", "both", "--model", tiny_model_dir,
+                          "--data", str(data), "--output", str(run), "--max-steps", "0", "--max-length", "4096",
+                          "--set", "on_malformed=skip")
+    assert code == 0, err
+    assert not run.exists()
+    lines = out.splitlines()
+    sft = next(line for line in lines if line.startswith("sft: "))
+    pair = next(line for line in lines if line.startswith("pairs: "))
+    # tiny.yaml: sft batch 16 (micro 8), 1 epoch -> 40 // 16 = 2 steps; pairs batch 8 > 7 kept rows.
+    assert "40 of 40 rows kept" in sft and "2 steps of 16 sequences (2 x 8 micro-batch)" in sft
+    assert "7 of 8 rows kept" in pair and "malformed 1" in pair and "1 step of 7 pairs" in pair
+    assert "dry run" in out
+    assert "pairs: only 7 rows for batch_size 8" in err and "whole epoch" in err
+    assert "1 pairs have chosen == rejected" in err and "1 rows have an empty prompt" in err
+    assert "max_length 4096 is above the model's max_position_embeddings 2048" in err  # 20
+    code, _, err = redi("train", "--config", TINY, "--backend", "cpu", "--stage", "sft", "--objective", "dpo",
+                        "--model", tiny_model_dir, "--data", str(data), "--output", str(run), "--max-steps", "0")
+    assert code == 0 and "--objective dpo is ignored with --stage sft" in err  # 20
+
+
+# ----------------------------------------------------------------------------- 15: resume says what it does
+
+
+def test_resume_names_the_step_and_a_finished_run_is_left_alone(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--config", TINY, "--backend", "cpu", "--stage", "sft", "--max-steps", "4", "--save-every", "2"]
+    code, _, err = redi(*args, "--output", str(run))
+    assert code == 0, err
+    final = (run / "final" / "model.safetensors").read_bytes()
+    code, out, err = redi("train", "--resume", str(run))
+    assert code == 0, err
+    assert f"{run} already finished (4 steps); nothing to do" in out and "done:" not in out
+    assert (run / "final" / "model.safetensors").read_bytes() == final
+    # As if the run had been stopped after the step-2 checkpoint:
+    import shutil
+
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    code, out, err = redi("train", "--resume", str(run))
+    assert code == 0, err
+    assert f"resumed from sft step 2 of 4 (checkpoint {run / 'checkpoints' / 'step-2'})" in out
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4

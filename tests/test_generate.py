@@ -151,3 +151,15 @@ def test_prompt_defaults_follow_openr1(tiny_tokenizer):
     assert raw == "457+68=?"
     with pytest.raises(UserError, match=r"\{problem\}"):
         GenerateSettings(instruction="no placeholder").check()
+
+
+def test_a_template_that_opens_think_itself_is_not_given_a_second_one(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from redi.tiny import CHATML_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # As DeepSeek-R1-Distill's current templates do: the generation prompt ends with "<think>\n".
+    tokenizer.chat_template = CHATML_TEMPLATE.replace("assistant\n{% endif %}", "assistant\n<think>\n{% endif %}")
+    text = render_prompt(tokenizer, "1+1?", GenerateSettings(instruction="{problem}"))
+    assert text.endswith("<|im_start|>assistant\n<think>\n") and text.count("<think>") == 1

@@ -208,7 +208,10 @@ def test_conversational_data_without_chat_template_is_named(tmp_path, tiny_model
     tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
     tok_cfg.pop("chat_template")
     (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    cfg = _cfg(tmp_path, f"model={model}")  # builtin:tiny data is conversational
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1="}], "chosen": [{"role": "assistant", "content": "2"}],
+                                "rejected": [{"role": "assistant", "content": "3"}]}) + "\n")
+    cfg = _cfg(tmp_path, f"model={model}", f"data={data}")
     with pytest.raises(UserError, match=r"needs a chat template, but the tokenizer at .*model has none"):
         train(cfg, backend=ScriptedBackend(STEADY, STEADY, STEADY))
 
@@ -216,8 +219,10 @@ def test_conversational_data_without_chat_template_is_named(tmp_path, tiny_model
 def test_missing_tokenizer_files_are_named(tmp_path):
     model = tmp_path / "empty-model"
     model.mkdir()
-    cfg = _cfg(tmp_path, f"model={model}")
-    with pytest.raises(UserError, match="empty-model"):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    cfg = _cfg(tmp_path, f"model={model}", f"data={data}")
+    with pytest.raises(UserError, match="cannot load a tokenizer from .*empty-model"):
         train(cfg, backend=ScriptedBackend(STEADY, STEADY, STEADY))
 
 
@@ -237,6 +242,9 @@ REPLAYS = {
 }
 
 
+FIRST_FIRE = {"demo sym 3e-5": 41, "demo sym 1e-4": 25, "compare symmetric-high": 41}
+
+
 @pytest.mark.parametrize("name", list(REPLAYS))
 def test_collapse_alarm_on_replayed_runs(name):
     path, fires = REPLAYS[name]
@@ -245,6 +253,7 @@ def test_collapse_alarm_on_replayed_runs(name):
     assert bool(fired) == fires, fired
     if fires:  # sustained: once it fires, it stays on for most of the rest of the run
         assert len(fired) > 0.8 * (100 - fired[0]), fired
+        assert fired[0] == FIRST_FIRE[name]  # the steps the README and guards.py quote
 
 
 @pytest.mark.parametrize("window, drop, ratio", [(5, 0.05, 1.5), (20, 0.2, 2.0), (10, 0.1, 1.5), (5, 0.2, 2.0)])
@@ -253,3 +262,16 @@ def test_collapse_decisions_do_not_hang_on_the_defaults(window, drop, ratio):
         detector = CollapseDetector(window, drop, ratio, ignore_before=10)
         fired = any([detector.update(r) for r in map(json.loads, path.read_text().splitlines())])
         assert fired == fires, name
+
+
+def test_a_run_folder_from_before_the_new_collapse_rule_still_loads_and_resumes(tmp_path, capsys):
+    from redi.training.run_folder import config_drift
+
+    old = FIXTURES / "missed-collapse" / "symmetric-high" / "config.yaml"  # has collapse_growth, collapse_severe_drop
+    cfg = load_config(old)
+    assert "key 'collapse_growth' is ignored" in capsys.readouterr().err
+    assert (cfg.collapse_window, cfg.collapse_ratio) == (20, Config().collapse_ratio)  # as saved; the new key defaults
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(old.read_text())
+    assert config_drift(run, cfg) == []

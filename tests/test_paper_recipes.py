@@ -222,3 +222,18 @@ def test_config_yaml_holds_the_resolved_values(tmp_path, capsys):
     assert saved["pairs"]["micro_batch_size"] <= kept and kept % saved["pairs"]["micro_batch_size"] == 0
     # the recorded config is a valid one that --resume accepts as unchanged
     assert config_drift(run, validate(load_config(run / "config.yaml"))) == []
+
+
+def test_a_run_folder_written_before_resolution_resumes_without_drift(tmp_path):
+    """Older config.yaml files hold every objective key (beta 0.0 meaning "the paper's") and backend ''."""
+    from redi.config import to_dict
+    from redi.training.run_folder import config_drift
+
+    cfg = validate(load_config(ROOT / "configs" / "tiny.yaml"))
+    old = {**to_dict(cfg), "backend": "", "alpha": 0.8, "beta": 0.0, "gamma": 1.0}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert config_drift(tmp_path, validate(load_config(tmp_path / "config.yaml"))) == []
+    assert config_drift(tmp_path, validate(load_config(ROOT / "configs" / "tiny.yaml"))) == []
+    changed = validate(load_config(ROOT / "configs" / "tiny.yaml"))
+    changed.alpha = 0.5
+    assert config_drift(tmp_path, changed) == ["alpha"]

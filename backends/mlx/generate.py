@@ -58,14 +58,20 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
             else:
                 for running, joining in zip(cache, new_cache):
                     running.extend(joining)
+            # Running rows keep their pending token (appended when it was drawn); only newcomers drew one now.
+            fresh = len(ids)
             ids, tokens = ids + admit, tokens + [[] for _ in admit]
             last = mx.concatenate([last, sample_next(logits, temperature, top_p, sub).astype(mx.int32)])
         else:
             logits = model(last[:, None], cache=cache)[:, -1].astype(mx.float32)
             last = sample_next(logits, temperature, top_p, sub).astype(mx.int32)
+            fresh = 0
         mx.eval(last)
         keep = []
         for r, token in enumerate(last.tolist()):
+            if r < fresh:
+                keep.append(r)
+                continue
             tokens[r].append(token)
             if token in stops or len(tokens[r]) >= max_new_tokens:
                 outputs[ids[r]] = tokens[r]

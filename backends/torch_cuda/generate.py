@@ -104,12 +104,17 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
         nxt = sample_next(logits, temperature, top_p, gen)
         if feed:
             rows.kv = _layers(cache)
-            last = nxt
+            last, fresh = nxt, 0
         else:
+            # Running rows keep their pending token (appended when it was drawn); only newcomers drew one now.
+            fresh = len(rows.ids)
             rows.add(admit, attn, _layers(cache))
             last = torch.cat([last, nxt])
         keep = []
         for r, token in enumerate(last.tolist()):
+            if r < fresh:
+                keep.append(r)
+                continue
             rows.tokens[r].append(token)
             if token in stop_ids or len(rows.tokens[r]) >= max_new_tokens:
                 outputs[rows.ids[r]] = rows.tokens[r]

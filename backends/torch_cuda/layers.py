@@ -111,10 +111,15 @@ class _CompileState:
 
     def fall_back(self, err: BaseException) -> None:
         self.enabled = False
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        self.failure = f"{type(err).__name__}: {first}"
-        print(f"warning: torch.compile of the decoder layers failed ({self.failure}); training continues eagerly",
-              file=sys.stderr, flush=True)
+        self.failure = warn_compile_failed("the decoder layers", err)
+
+
+def warn_compile_failed(what: str, err: BaseException) -> str:
+    """The one warning line of a compile fall-back (no traceback); returns the failure's short form."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    failure = f"{type(err).__name__}: {first}"
+    print(f"warning: torch.compile of {what} failed ({failure}); training continues eagerly", file=sys.stderr, flush=True)
+    return failure
 
 
 def compiled(layers: list[torch.nn.Module]) -> bool:

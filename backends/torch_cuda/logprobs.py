@@ -16,9 +16,9 @@ Two ways through a chunk:
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from redi.backends.torch_cuda.layers import COMPILE_ERRORS, warn_compile_failed
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -47,16 +47,15 @@ def _kernel(name: str, fn):
     """``fn`` compiled once (CUDA); the eager ``fn`` if torch.compile is unavailable or fails."""
     if name not in _KERNELS:
         _KERNELS[name] = torch.compile(fn, dynamic=True)
-    compiled = _KERNELS[name]
 
     def call(*args):
+        compiled = _KERNELS[name]  # looked up per call: after a failure it is ``fn`` for good
         if compiled is fn:
             return fn(*args)
         try:
             return compiled(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure: warn once, run eagerly
-            warnings.warn(f"torch.compile of the LM-head {name} failed ({type(err).__name__}: {err}); running eagerly",
-                          stacklevel=2)
+        except COMPILE_ERRORS as err:  # a compiler failure: one warning line, eager from then on
+            warn_compile_failed(f"the LM-head {name}", err)
             _KERNELS[name] = fn
             return fn(*args)
 

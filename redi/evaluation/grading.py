@@ -17,17 +17,15 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import signal
 import threading
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 
 # Callers (redi eval, data pairing, the demo) read the metrics and the worker pool through this module.
 from redi.evaluation.scores import (pass_at_1, pass_at_k, pass_at_k_unbiased, per_index_accuracies,  # noqa: F401
                                     reported_ks, sem_paper, summarize)
-from redi.evaluation.workers import WORKER_EXTRA_MEMORY, run_in_workers  # noqa: F401
+from redi.evaluation.workers import WORKER_EXTRA_MEMORY, _ItemTimeout, _time_limit, run_in_workers  # noqa: F401
 
 
 @dataclass
@@ -102,34 +100,6 @@ def gold_latex(answer) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------- equivalence
-
-
-class _ItemTimeout(BaseException):
-    # BaseException on purpose: math-verify and sympy catch Exception broadly and would otherwise swallow the
-    # timeout and keep computing with no limit left.
-    pass
-
-
-def _raise_timeout(signum, frame):
-    raise _ItemTimeout()
-
-
-@contextmanager
-def _time_limit(cpu_seconds: float | None):
-    """Limit on this process's CPU time, not wall time, so that a busy machine (say, generation running beside
-    the grader) cannot turn right answers into timeouts and a regrade always reproduces the first grade.
-    Signals reach only the main thread (and Windows has no SIGVTALRM), so elsewhere it runs unbounded."""
-    if (not cpu_seconds or cpu_seconds <= 0 or not hasattr(signal, "SIGVTALRM")
-            or threading.current_thread() is not threading.main_thread()):
-        yield
-        return
-    previous = signal.signal(signal.SIGVTALRM, _raise_timeout)
-    signal.setitimer(signal.ITIMER_VIRTUAL, cpu_seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
-        signal.signal(signal.SIGVTALRM, previous)
 
 
 _GOLD_CACHE: dict[str, list] = {}

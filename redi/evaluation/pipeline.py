@@ -140,7 +140,7 @@ def render_prompt(tokenizer: Any, problem: str, s: EvalSettings) -> str:
         text = "\n".join(m["content"] for m in messages) + "\n"
     else:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if s.force_think:
+    if s.force_think and not text.endswith("<think>\n"):  # DeepSeek-R1-Distill templates open it themselves
         # rllm's edited template: "<|im_start|>assistant<think>\n", replacing the newline after the role.
         text = (text[:-1] if text.endswith("assistant\n") else text) + "<think>\n"
     return text

@@ -1,12 +1,47 @@
-"""Items judged in worker processes with a CPU-time limit inside each worker, a memory cap per worker, and a
-hard wall-clock limit per item outside (a hang the in-worker limit cannot interrupt); used by grading."""
+"""Judging untrusted model output in worker processes: a CPU-time limit per item inside the worker, an
+address-space limit per worker, and a wall-clock watchdog in the parent for what the in-worker limit
+cannot interrupt. Used by redi.evaluation.grading (math-verify and the rllm grader).
+"""
 from __future__ import annotations
 
 import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
+from contextlib import contextmanager
+
+
+class _ItemTimeout(BaseException):
+    # BaseException on purpose: math-verify and sympy catch Exception broadly and would otherwise swallow the
+    # timeout and keep computing with no limit left.
+    pass
+
+
+def _raise_timeout(signum, frame):
+    raise _ItemTimeout()
+
+
+@contextmanager
+def _time_limit(cpu_seconds: float | None):
+    """Limit on this process's CPU time, not wall time, so that a busy machine (say, generation running beside
+    the grader) cannot turn right answers into timeouts and a regrade always reproduces the first grade.
+    Signals reach only the main thread (and Windows has no SIGVTALRM), so elsewhere it runs unbounded."""
+    if (not cpu_seconds or cpu_seconds <= 0 or not hasattr(signal, "SIGVTALRM")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    previous = signal.signal(signal.SIGVTALRM, _raise_timeout)
+    signal.setitimer(signal.ITIMER_VIRTUAL, cpu_seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
+
+
+# ----------------------------------------------------------------------------------------- worker processes
 
 _STARTED: object = None  # shared array in each worker: task start time, -1 once done, 0 before it starts
 

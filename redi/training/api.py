@@ -24,6 +24,8 @@ from redi.objectives import make_objective
 from redi.training import checkpoint as ckpt
 from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
+from redi.training.preflight import (check_inputs, finish_dry_run, model_warnings, no_trace_on_error, stage_line,
+                                     stage_warnings)
 from redi.training.ranks import NoWriter, on_main, save_on_main
 from redi.training.report_to import MetricsSink, open_sinks
 from redi.training.run_folder import check_disk_room, check_writable, config_drift, resume_point
@@ -96,8 +98,9 @@ class _Session:
     model_path: str
     data: str
     encoder: Encoder
-    previous: list[dict]  # metrics.jsonl records kept from before a resume
-    writer: MetricsSink
+    runs: dict[str, StageRun]  # each stage's checked, tokenized data (a stage finished before a resume has none)
+    previous: list[dict] = field(default_factory=list)  # metrics.jsonl records kept from before a resume
+    writer: MetricsSink = field(default_factory=NoWriter)
     global_step: int = 0
     reports: dict = field(default_factory=dict)
 
@@ -106,14 +109,27 @@ class _Session:
         return self.backend.rank == 0
 
 
-def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Backend | None = None) -> dict:
+def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Backend | None = None,
+          dry_run: bool = False) -> dict:
     """Run the configured stages and return the summary (also written to summary.json). A ``backend`` passed in
-    keeps the options it was built with; otherwise ``make_backend`` builds one with the config's options."""
+    keeps the options it was built with; otherwise ``make_backend`` builds one with the config's options.
+    ``dry_run``: resolve, load and check both data sets, print the plan, train nothing, leave no run folder."""
     validate(cfg)
-    session = _prepare(cfg, resume, force, backend)
+    check_inputs(cfg)
+    run_dir = Path(cfg.output)
+    if resume:
+        finished = _resume_check(cfg, run_dir, force)
+        if finished:
+            return finished
+    existed = run_dir.exists()
+    with no_trace_on_error(run_dir):  # a data or config error before training leaves no half-made folder
+        session = _prepare(cfg, resume, backend)
+    if dry_run:
+        return finish_dry_run(run_dir, existed, session.stages, {s: r.report for s, r in session.runs.items()})  # type: ignore[attr-defined]
+    _open_run(session)
     started = time.time()
     try:
-        with make_progress() if session.main else contextlib.nullcontext(None) as progress:
+        with make_progress(cfg.log_every) if session.main else contextlib.nullcontext(None) as progress:
             for index, stage in enumerate(session.stages):
                 _train_stage(session, index, stage, progress)
         save_on_main(session.backend, session.run_dir / "final", session.backend.save_model)
@@ -122,8 +138,21 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
     return _summarise(session, time.time() - started)
 
 
-def _prepare(cfg: Config, resume: bool, force: bool, backend: Backend | None) -> _Session:
-    """Check the run folder, find the resume point, build the backend, materialise the model and data."""
+def _resume_check(cfg: Config, run_dir: Path, force: bool) -> dict | None:
+    """Refuse a changed config (unless ``force``); a finished run's summary, when there is nothing to do."""
+    drift = config_drift(run_dir, cfg)
+    if drift and not force:
+        raise UserError(f"--resume {run_dir}: the config differs from the run's in: {', '.join(drift)} (--force to resume anyway)")
+    if not ((run_dir / "summary.json").exists() and (run_dir / "final").is_dir()):
+        return None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"{run_dir} already finished ({summary['steps']} steps); nothing to do")
+    return {**summary, "already_finished": True}
+
+
+def _prepare(cfg: Config, resume: bool, backend: Backend | None) -> _Session:
+    """Check the run folder, find the resume point, build the backend, materialise the model, load and check
+    every stage's data (before any step), and print one account line per stage."""
     run_dir = Path(cfg.output)
     # Multi-process (torchrun): every rank trains; only rank 0 writes files (see ranks.py).
     main = backend.rank == 0 if backend is not None else os.environ.get("RANK", "0") == "0"
@@ -133,9 +162,6 @@ def _prepare(cfg: Config, resume: bool, force: bool, backend: Backend | None) ->
     metrics_path = run_dir / "metrics.jsonl"
     state: dict = {}
     if resume:
-        drift = config_drift(run_dir, cfg)
-        if drift and not force:
-            raise UserError(f"--resume {run_dir}: the config differs from the run's in: {', '.join(drift)} (--force to resume anyway)")
         state = resume_point(run_dir, len(stages) == 2)
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
@@ -143,28 +169,48 @@ def _prepare(cfg: Config, resume: bool, force: bool, backend: Backend | None) ->
     model_path, data = on_main(backend, lambda: (materialise_model(cfg.model, run_dir, cfg.seed, cfg.task),
                                                  materialise_data(cfg.data, run_dir, cfg.seed, cfg.task)))
     encoder = Encoder(load_tokenizer(model_path), cfg.system_prompt, model_path)
+    runs = {stage: _prepare_stage(cfg, stage, model_path, data, encoder) for stage in stages
+            if not _stage_done(stage, state)}
     if main:
         if "pairs" in stages:
             print(objective_line(cfg), flush=True)
+        model_warnings(cfg, model_path, list(runs))
+        for stage, run in runs.items():
+            print(stage_line(stage, run.report, run.plan(), run.settings))  # type: ignore[attr-defined]
+            stage_warnings(stage, run.report, run.settings)  # type: ignore[attr-defined]
+    return _Session(cfg, run_dir, stages, state, backend, model_path, data, encoder, runs)
+
+
+def _stage_done(stage: str, state: dict) -> bool:
+    """Stage 1 finished before a resumed run's interruption (stage 2 then starts from sft_final/)."""
+    return stage == "sft" and (bool(state.get("complete")) or state.get("stage") == "pairs")
+
+
+def _open_run(session: _Session) -> None:
+    """Write config.yaml, rewind metrics.jsonl to the resume point, open the metrics sinks."""
+    cfg, run_dir, state, backend = session.cfg, session.run_dir, session.state, session.backend
+    metrics_path = run_dir / "metrics.jsonl"
+    if session.main:
         dump(cfg, run_dir / "config.yaml", backend.name)
         if state:
             truncate_metrics(metrics_path, state["global_step"])
         elif metrics_path.exists():
             metrics_path.unlink()
     on_main(backend, lambda: None)  # a barrier: the other ranks read metrics.jsonl after rank 0 rewrote it
-    previous = read_metrics(metrics_path)
-    writer = open_sinks(MetricsWriter(metrics_path), run_dir, cfg.report_to, project=cfg.wandb_project,
-                        name=cfg.wandb_run_name, config=to_dict(cfg)) if main else NoWriter()
-    return _Session(cfg, run_dir, stages, state, backend, model_path, data, encoder, previous, writer)
+    session.previous = read_metrics(metrics_path)
+    session.writer = open_sinks(MetricsWriter(metrics_path), run_dir, cfg.report_to, project=cfg.wandb_project,
+                                name=cfg.wandb_run_name, config=to_dict(cfg)) if session.main else NoWriter()
 
 
 def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
     """Load the stage's start model, restore a checkpoint if resuming into this stage, train, save sft_final/."""
     cfg, run_dir, state, backend = session.cfg, session.run_dir, session.state, session.backend
-    if stage == "sft" and (state.get("complete") or state.get("stage") == "pairs"):
+    if _stage_done(stage, state):
         session.global_step = state["global_step"] if state.get("complete") else session.global_step
+        if session.main and state.get("complete"):
+            print(f"resumed after stage sft ({run_dir / 'sft_final'}, global step {state['global_step']})")
         return  # stage 1 finished before the interruption; stage 2 starts from sft_final/
-    run = _prepare_stage(cfg, stage, session.model_path, session.data, session.encoder)
+    run = session.runs[stage]
     session.reports[stage] = run.report  # type: ignore[attr-defined]
     if session.main:
         (run_dir / "data_report.json").write_text(json.dumps(session.reports, indent=2))
@@ -180,6 +226,8 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
     if state.get("stage") == stage and not state.get("complete"):
         backend.load_checkpoint(state["checkpoint"])
         start_step, session.global_step = state["stage_step"], state["global_step"]
+        if session.main:
+            print(f"resumed from {stage} step {start_step} of {run.plan().total_steps} (checkpoint {state['checkpoint']})")
     if run.objective is not None and run.objective.needs_reference:
         # Computed from the stage's start model, so a resumed run must reuse the cached file.
         run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,

@@ -14,12 +14,12 @@ from redi.backend import Backend, MicroBatch
 from redi.config import StageConfig
 from redi.data import TokenizedPair, TokenizedSeq
 from redi.errors import UserError
+from redi.training.progress import make_progress  # noqa: F401 (the callers' import)
 from redi.objectives import Objective, PairStats, sft_loss
 from redi.training import checkpoint as ckpt
 from redi.training.batching import StepPlan, lr_at
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.training.metrics import pair_step_metrics, sft_step_metrics
-from redi.training.progress import make_progress  # noqa: F401 (the callers' import)
 from redi.training.ranks import rank_share
 from redi.training.report_to import MetricsSink
 

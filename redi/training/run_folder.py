@@ -8,12 +8,14 @@ from pathlib import Path
 import yaml
 
 from redi.training import checkpoint as ckpt
-from redi.config import Config, resolved_dict
+from redi.config import Config, load_config, resolved_dict, validate
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
 RESUME_FREE_KEYS = {"output", "backend", "save_every", "keep_last", "log_every", "stop_on_collapse", "skip_nonfinite",
-                    "report_to", "wandb_project", "wandb_run_name"}
+                    "report_to", "wandb_project", "wandb_run_name",
+                    # the collapse alarm only flags steps (it stops a run only with stop_on_collapse)
+                    "collapse_window", "collapse_drop", "collapse_ratio", "collapse_growth", "collapse_severe_drop"}
 
 
 def check_writable(run_dir: Path) -> None:
@@ -57,7 +59,10 @@ def config_drift(run_dir: Path, cfg: Config) -> list[str]:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return []
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    try:  # resolved like the run's own config, so a folder written before resolution (beta: 0.0) compares equal
+        saved = flatten(resolved_dict(validate(load_config(saved_path))))
+    except UserError:  # keys this version does not know: compare the file as written
+        saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
     now = flatten(resolved_dict(cfg))
     return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
@@ -78,6 +83,8 @@ def resume_point(run_dir: Path, two_stages: bool) -> dict:
 
 def stopped_note(run_dir: Path) -> str:
     """Where an interrupted run stopped and what `--resume` will pick up, in one line."""
+    if not run_dir.is_dir():
+        return f"stopped before training started; nothing was written to {run_dir}"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     last = json.loads(lines[-1]) if lines else None
     where = f"after {last['stage']} step {last['step']} (global step {last['global_step']})" if last else "before the first step"
