@@ -89,7 +89,8 @@ class Backend(Protocol):
         with ``path=None``, and only rank 0 writes."""
 
     def save_checkpoint(self, path: str | None) -> None:
-        """``save_model`` plus the optimizer state (and adapters): everything ``load_checkpoint`` reads back.
+        """``save_model`` plus the optimizer state (under LoRA the adapters instead of the model): everything
+        ``load_checkpoint`` reads back.
         Collective like ``save_model``."""
 
     def load_checkpoint(self, path: str) -> None:

@@ -141,10 +141,10 @@ class MLXBackend:
         if path is None:
             return
         out = Path(path)
-        if not self.lora:
-            self.save_model(path)
         if self.lora:
             mlx_lora.save_adapter(self.model, self.lora, out, str(self.source))
+        else:
+            self.save_model(path)
         if self.optimizer is not None:
             arrays, metadata = self.optimizer.state()
             mx.save_safetensors(str(out / OPTIMIZER_FILE), arrays, metadata=metadata)

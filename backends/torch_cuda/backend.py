@@ -104,7 +104,7 @@ class TorchBackend:
         apply_options(self.options, options, "torch")
         if self.world_size > 1 and not self.options.packing:
             raise UserError("multi-process training needs packing=true")
-        if self.world_size > 1 and self.lora:
+        if self.dist.enabled and self.lora:  # enabled, not world_size: torchrun with one rank shards too
             raise UserError("lora_rank is single-process for now (one GPU); run without torchrun")
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -224,27 +224,22 @@ class TorchBackend:
     def save_checkpoint(self, path: str | None) -> None:
         """The model folder (under LoRA the adapter instead: the base does not change) plus ``optimizer.pt``;
         collective under multi-process, as ``save_model``."""
-        if not self.lora:
-            self.save_model(path)
+        if self.lora:
+            return torch_lora.save_checkpoint(self.model, self.lora, self.optimizer, Path(path), self.model_path)
+        self.save_model(path)
         if self.dist.enabled:
             state = full_optimizer_state(self.model, self.optimizer) if self.optimizer else None
             if self.rank == 0 and path is not None:
                 torch.save({"optimizer": state, "full": True}, os.path.join(path, "optimizer.pt"))
             self.dist.barrier()
             return
-        if self.lora:
-            torch_lora.save_adapter(self.model, self.lora, Path(path), self.model_path)
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None}, os.path.join(path, "optimizer.pt"))
 
     def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        if self.lora:  # a LoRA checkpoint holds the adapter and its optimizer state; the base is unchanged
-            torch_lora.load_adapter(self.model, Path(path))
-            opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
-            if opt["optimizer"] is not None and self.optimizer is not None:
-                self.optimizer.load_state_dict(opt["optimizer"])
-            return
+        if self.lora:  # the base is unchanged since load: the adapter and its optimizer state resume
+            return torch_lora.load_checkpoint(self.model, self.optimizer, Path(path), self.device)
         state = load_file(os.path.join(path, "model.safetensors"), device="cpu" if self.dist.enabled else str(self.device))
         opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu" if self.dist.enabled else self.device,
                          weights_only=True)

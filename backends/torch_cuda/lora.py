@@ -18,6 +18,7 @@ from redi.lora import (ADAPTER_DIR, PEFT_PREFIX, LoraSpec, initial_a, is_target,
                        write_adapter)
 
 ADAPTER = "default"  # PEFT's adapter name
+OPTIMIZER_FILE = "optimizer.pt"  # as the full fine-tuning checkpoint's
 
 
 def wrap(model: torch.nn.Module, spec: LoraSpec, seed: int, frozen_dtype: torch.dtype | None = None) -> None:
@@ -126,6 +127,19 @@ def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: torch.nn.Module, spec: LoraSpec, folder: Path, base_model: str = "") -> None:
     write_adapter(folder, spec, adapter_tensors(model), len(model.get_decoder().layers), base_model)
+
+
+def save_checkpoint(model: torch.nn.Module, spec: LoraSpec, optimizer, folder: Path, base_model: str) -> None:
+    """A LoRA checkpoint: the adapter folder's files and ``optimizer.pt`` (the adapters' AdamW state); no base."""
+    save_adapter(model, spec, folder, base_model)
+    torch.save({"optimizer": optimizer.state_dict() if optimizer else None}, folder / OPTIMIZER_FILE)
+
+
+def load_checkpoint(model: torch.nn.Module, optimizer, folder: Path, device: torch.device) -> None:
+    load_adapter(model, folder)
+    state = torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True)["optimizer"]
+    if state is not None and optimizer is not None:
+        optimizer.load_state_dict(state)
 
 
 def adapter_dir(model_dir: Path) -> Path:
