@@ -3,10 +3,11 @@ README's key table (`redi config show --markdown`; a test keeps the README in st
 repeated here: they come from the dataclasses in redi/config.py."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
-from redi.config import Config, _leaf_keys
+from redi.config import Config, _leaf_keys, resolve_objective
 
 ALL = "all"
 TORCH = "cpu, cuda"
@@ -31,9 +32,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "backend": ("cpu | cuda | mlx; empty: cuda if available, mlx on Apple silicon, else cpu", ALL),
     "stage": ("sft | pairs | both", ALL),
     "objective": ("stage 2 loss: redi | symmetric | dpo | simpo", ALL),
-    "alpha": ("REDI: weight of the rejected term (the paper's 0.8)", ALL),
-    "beta": ("DPO/SimPO beta; 0: the objective's paper default (DPO 0.001, SimPO 2.0)", ALL),
-    "gamma": ("SimPO target margin", ALL),
+    "alpha": ("REDI: weight of the rejected term; unset: the paper's 0.8 (symmetric: fixed at 1)", ALL),
+    "beta": ("DPO/SimPO beta; unset: the objective's paper value (DPO 0.001, SimPO 2)", ALL),
+    "gamma": ("SimPO target margin; unset: the paper's 1", ALL),
     "seed": ("data order, model init of built-ins, sampling", ALL),
     "save_every": ("checkpoint every N optimizer steps; 0: only the final model", ALL),
     "keep_last": ("checkpoints kept (oldest pruned)", ALL),
@@ -43,6 +44,8 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "lora_rank": ("> 0: rank-r LoRA adapters on every linear layer, base frozen", "mlx"),
     "lora_scale": ("mlx-lm's LoRA scale (multiplies the adapter output; not PEFT's alpha)", "mlx"),
     "lora_dora": ("DoRA instead of LoRA", "mlx"),
+    "lora_dropout": ("dropout on the adapter input (0, as every other dropout is off)", ALL),
+    "lora_targets": ("comma-separated block modules; empty: every attention and MLP projection", ALL),
     "log_every": ("steps between plain progress lines when stdout is not a terminal", ALL),
     "skip_nonfinite": ("tolerate up to N steps with a non-finite loss or gradient (skipped, logged)", ALL),
     "stop_on_collapse": ("stop the run when the collapse alarm fires", ALL),
@@ -55,13 +58,19 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "compile": ("torch.compile the decoder layers (CUDA)", TORCH),
     "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", TORCH),
     **{f"{stage}.{key}": (f"{stage}: {what}", who) for stage in ("sft", "pairs") for key, (what, who) in _STAGE.items()},
+    "model_config": ("edits to the model's config.json, applied at load and saved into every checkpoint "
+                     "(the paper's: rope_theta 300000, max_position_embeddings 32768)", ALL),
+    "pairs.learning_rate": ("pairs: peak learning rate (linear warmup, then linear decay to 0); unset: the "
+                            "objective's paper value (redi 1e-6, symmetric 2e-7, dpo 2e-7, simpo 5e-7)", ALL),
     "task": ("free-form section of the built-in demo task (problem generator, evaluation)", "demo"),
 }
 
 
 def key_rows(cfg: Config | None = None) -> list[tuple[str, Any, Any, str, str]]:
     """(key, value in ``cfg``, default, what, read by) for every key, in the dataclasses' order."""
-    values, defaults = _leaf_keys(cfg or Config()), _leaf_keys(Config())
+    # Resolved as a run resolves them: unset objective hyperparameters show the objective's paper values.
+    values = _leaf_keys(resolve_objective(copy.deepcopy(cfg or Config())))
+    defaults = _leaf_keys(resolve_objective(Config()))
     missing = sorted(set(defaults) - set(KEY_DOCS))
     if missing:  # a new key must be documented here; the tests catch this before a user does
         raise KeyError(f"config keys without a line in redi/config_docs.py: {', '.join(missing)}")
@@ -69,6 +78,8 @@ def key_rows(cfg: Config | None = None) -> list[tuple[str, Any, Any, str, str]]:
 
 
 def _show(value: Any) -> str:
+    if value is None:  # an objective hyperparameter left to the paper's value (redi.objectives.PAPER_DEFAULTS)
+        return "paper"
     if isinstance(value, str):
         return f'"{value}"' if value == "" else value
     if isinstance(value, dict):
