@@ -3,10 +3,11 @@ README's key table (`redi config show --markdown`; a test keeps the README in st
 repeated here: they come from the dataclasses in redi/config.py."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from redi.backend import OPTION_KEYS
-from redi.config import Config, _leaf_keys
+from redi.config import Config, _leaf_keys, resolve_objective
 
 ALL = "all"  # the core reads it, whatever the backend
 
@@ -30,9 +31,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "backend": ("cpu | cuda | mlx; empty: cuda if available, mlx on Apple silicon, else cpu", ALL),
     "stage": ("sft | pairs | both", ALL),
     "objective": ("stage 2 loss: redi | symmetric | dpo | simpo | orpo", ALL),
-    "alpha": ("REDI: weight of the rejected term (the paper's 0.8)", ALL),
-    "beta": ("DPO/SimPO beta, ORPO's lambda; empty: the objective's default (DPO 0.001, SimPO 2.0, ORPO 0.1)", ALL),
-    "gamma": ("SimPO target margin", ALL),
+    "alpha": ("REDI: weight of the rejected term; unset: the paper's 0.8 (symmetric: fixed at 1)", ALL),
+    "beta": ("DPO/SimPO beta, ORPO's lambda; unset: the objective's default (DPO 0.001, SimPO 2, ORPO 0.1)", ALL),
+    "gamma": ("SimPO target margin; unset: the paper's 1", ALL),
     "seed": ("data order, model init of built-ins, sampling", ALL),
     "save_every": ("checkpoint every N optimizer steps; 0: only the final model", ALL),
     "keep_last": ("checkpoints kept (oldest pruned)", ALL),
@@ -60,14 +61,19 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
                 "eager, with one warning line, if compiling fails", ALL),
     "optim_state_dtype": ("AdamW moments: fp32 | bf16 (4 bytes/param less)", ALL),
     **{f"{stage}.{key}": (f"{stage}: {what}", who) for stage in ("sft", "pairs") for key, (what, who) in _STAGE.items()},
-    "model_config": ("edits to the model's config.json before loading (e.g. rope_theta), kept in checkpoints", ALL),
+    "model_config": ("edits to the model's config.json, applied at load and saved into every checkpoint "
+                     "(the paper's: rope_theta 300000, max_position_embeddings 32768)", ALL),
+    "pairs.learning_rate": ("pairs: peak learning rate (linear warmup, then linear decay to 0); unset: the "
+                            "objective's paper value (redi 1e-6, symmetric 2e-7, dpo 2e-7, simpo 5e-7)", ALL),
     "task": ("free-form section of the built-in demo task (problem generator, evaluation)", "demo"),
 }
 
 
 def key_rows(cfg: Config | None = None) -> list[tuple[str, Any, Any, str, str]]:
     """(key, value in ``cfg``, default, what, read by) for every key, in the dataclasses' order."""
-    values, defaults = _leaf_keys(cfg or Config()), _leaf_keys(Config())
+    # Resolved as a run resolves them: unset objective hyperparameters show the objective's paper values.
+    values = _leaf_keys(resolve_objective(copy.deepcopy(cfg or Config())))
+    defaults = _leaf_keys(resolve_objective(Config()))
     missing = sorted(set(defaults) - set(KEY_DOCS))
     if missing:  # a new key must be documented here; the tests catch this before a user does
         raise KeyError(f"config keys without a line in redi/config_docs.py: {', '.join(missing)}")
@@ -81,6 +87,8 @@ def _readers(key: str, default: str) -> str:
 
 
 def _show(value: Any) -> str:
+    if value is None:  # an objective hyperparameter left to the paper's value (redi.objectives.PAPER_DEFAULTS)
+        return "paper"
     if isinstance(value, str):
         return f'"{value}"' if value == "" else value
     if isinstance(value, list):
