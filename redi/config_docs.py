@@ -87,8 +87,8 @@ def _readers(key: str, default: str) -> str:
 
 
 def _show(value: Any) -> str:
-    if value is None:  # an objective hyperparameter left to the paper's value (redi.objectives.PAPER_DEFAULTS)
-        return "paper"
+    if value is None:  # alpha, beta, gamma, pairs.learning_rate: the objective's paper value (PAPER_DEFAULTS)
+        return "paper-default"
     if isinstance(value, str):
         return f'"{value}"' if value == "" else value
     if isinstance(value, list):
