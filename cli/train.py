@@ -87,12 +87,7 @@ def train(
         print(f"warning: --objective {objective} is ignored with --stage sft (stage 1 is plain SFT)", file=sys.stderr)
     if max_steps is not None and max_steps < 0:
         raise UserError(f"--max-steps must be 0 (a dry run) or more, got {max_steps}")
-    if keep_last is not None:
-        cfg.keep_last = keep_last
-    if skip_nonfinite is not None:
-        cfg.skip_nonfinite = skip_nonfinite
-    if stop_on_collapse:
-        cfg.stop_on_collapse = True
+    _apply_run_flags(cfg, keep_last, skip_nonfinite, stop_on_collapse)
     if dry_run:
         _print_resolved(cfg)
         return
@@ -111,6 +106,16 @@ def train(
     if summary.get("dry_run") or summary.get("already_finished"):
         return
     typer.echo(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s; final model in {summary['final_model']}")
+
+
+def _apply_run_flags(cfg, keep_last: Optional[int], skip_nonfinite: Optional[int], stop_on_collapse: bool) -> None:
+    """The flags that set one config key each, beyond build_config's."""
+    if keep_last is not None:
+        cfg.keep_last = keep_last
+    if skip_nonfinite is not None:
+        cfg.skip_nonfinite = skip_nonfinite
+    if stop_on_collapse:
+        cfg.stop_on_collapse = True
 
 
 def _print_resolved(cfg) -> None:
