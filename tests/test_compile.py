@@ -100,10 +100,11 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, sys
     from redi.backends.torch_cuda import layers
     from redi.backends.torch_cuda.backend import TorchBackend
+    from redi.backend import backend_options
     from redi.config import apply_overrides, load_config
     from redi.training.api import train
     cfg = apply_overrides(load_config(sys.argv[1]), sys.argv[2:])
-    backend = TorchBackend("cpu", cfg.seed)
+    backend = TorchBackend("cpu", cfg.seed, **backend_options(cfg, "cpu"))  # the options route train() uses
     train(cfg, backend=backend)
     print("RESULT", json.dumps({"world": backend.world_size, "sharded": backend.dist.enabled,
                                 "layer_class": type(backend.layers[0]).__name__, "compiled": layers.compiled(backend.layers)}))
