@@ -161,7 +161,6 @@ def test_missing_local_looking_paths_fail_at_once(tmp_path, tiny_model_dir):
         (["train", "--model", tiny_model_dir, "--stage", "pairs", "--data", "bad/x.jsonl"],
          "data path not found: bad/x.jsonl", {}),
         (["data", "pair", "bad/x.jsonl"], "input not found: bad/x.jsonl", {}),
-        (["eval", "--model", tiny_model_dir, "--benchmark", "math500", "--limit", "1"], "math500", {}),
         # Not offline, but the hub cannot be reached: still one line, without the hub client's retries.
         (["train", "--model", "runs/sftt", "--data", str(data)], "the hub is unreachable",
          {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
