@@ -19,6 +19,7 @@ from typing import Iterator
 
 from redi.builtin import PREFIX
 from redi.config import Config
+from redi.data import resolve_sources
 from redi.errors import UserError
 from redi.hub import locate
 
@@ -40,9 +41,12 @@ def no_trace_on_error(run_dir: Path) -> Iterator[None]:
 
 
 def check_inputs(cfg: Config) -> None:
-    """The model must exist before anything is built or written."""
+    """The model and the data must exist before anything is built, imported or written."""
     if not cfg.model.startswith(PREFIX):
         locate(cfg.model, "model", "model path")
+    if not cfg.data.startswith(PREFIX):
+        for stage in {"sft": ["sft"], "pairs": ["pairs"]}.get(cfg.stage, ["sft", "pairs"]):
+            resolve_sources(cfg.data, stage)
 
 
 def check_model_has_data(cfg: Config, model_flag: str | None, data_flag: str | None) -> None:
