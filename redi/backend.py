@@ -186,6 +186,24 @@ def apply_options(target: Any, options: dict[str, Any], backend: str) -> None:
     target.compile = compile_mode(target.compile)
 
 
+def record_drawn(drawn: Sequence[int], ids: list, tokens: list[list[int]], fresh: int, stops,
+                 max_new_tokens: int, outputs: dict) -> list[int]:
+    """One decode step of the continuous-batching generators (both backends): append each running row's drawn
+    token and move finished rows (a stop token or max_new_tokens) to ``outputs[ids[r]]``. Rows below ``fresh``
+    were admitted this step and already hold their pending token. Returns the rows to keep."""
+    keep = []
+    for r, token in enumerate(drawn):
+        if r < fresh:
+            keep.append(r)
+            continue
+        tokens[r].append(token)
+        if token in stops or len(tokens[r]) >= max_new_tokens:
+            outputs[ids[r]] = tokens[r]
+        else:
+            keep.append(r)
+    return keep
+
+
 def no_weight_decay(name: str, ndim: int) -> bool:
     """HF Trainer's rule, which the authors' runs used: no weight decay on biases and norm weights."""
     return ndim < 2 or name.endswith(".bias") or "norm" in name.lower()

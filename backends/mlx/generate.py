@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
+from redi.backend import record_drawn
+
 
 def sample_next(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> mx.array:
     if temperature <= 0:
@@ -67,16 +69,7 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
             last = sample_next(logits, temperature, top_p, sub).astype(mx.int32)
             fresh = 0
         mx.eval(last)
-        keep = []
-        for r, token in enumerate(last.tolist()):
-            if r < fresh:
-                keep.append(r)
-                continue
-            tokens[r].append(token)
-            if token in stops or len(tokens[r]) >= max_new_tokens:
-                outputs[ids[r]] = tokens[r]
-            else:
-                keep.append(r)
+        keep = record_drawn(last.tolist(), ids, tokens, fresh, stops, max_new_tokens, outputs)
         if len(keep) < len(ids):
             ids, tokens = [ids[r] for r in keep], [tokens[r] for r in keep]
             if keep:

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from redi.backend import record_drawn
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
     if temperature <= 0:
@@ -110,16 +112,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
             fresh = len(rows.ids)
             rows.add(admit, attn, _layers(cache))
             last = torch.cat([last, nxt])
-        keep = []
-        for r, token in enumerate(last.tolist()):
-            if r < fresh:
-                keep.append(r)
-                continue
-            rows.tokens[r].append(token)
-            if token in stop_ids or len(rows.tokens[r]) >= max_new_tokens:
-                outputs[rows.ids[r]] = rows.tokens[r]
-            else:
-                keep.append(r)
+        keep = record_drawn(last.tolist(), rows.ids, rows.tokens, fresh, stop_ids, max_new_tokens, outputs)
         if len(keep) < len(rows.ids):
             rows.keep(keep)
             last = last[torch.tensor(keep, dtype=torch.long, device=device)]
