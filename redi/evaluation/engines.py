@@ -109,8 +109,12 @@ def make_engine(name: str | None, model_path: str, *, backend: str = "", tensor_
     return NativeEngine(engine_backend, tokenizer, batch_size=batch_size)
 
 
-def _token_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+def _token_prompts_and_stops(tokenizer: Any, prompts: Sequence[Prompt],
+                             stop_token_ids: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+    """Both engines' inputs: prompts as token ids, and the stop ids sorted without repeats."""
+    token_prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
+                     for p in prompts]
+    return token_prompts, sorted({int(i) for i in stop_token_ids})
 
 
 def completion(tokenizer: Any, ids: Sequence[int], stops: set[int]) -> Completion:
@@ -130,8 +134,7 @@ class NativeEngine:
 
     def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int, stop_token_ids: Sequence[int]) -> list[list[Completion]]:
-        token_prompts = _token_prompts(self.tokenizer, prompts)
-        stops = sorted({int(i) for i in stop_token_ids})
+        token_prompts, stops = _token_prompts_and_stops(self.tokenizer, prompts, stop_token_ids)
         # Prompt-major: the n samples of a prompt are neighbours, so they share a batch and finish close together.
         flat = [p for p in token_prompts for _ in range(n)]
         outs = self.backend.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -172,8 +175,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        token_prompts = _token_prompts(self.tokenizer, prompts)
-        stops = sorted({int(i) for i in stop_token_ids})
+        token_prompts, stops = _token_prompts_and_stops(self.tokenizer, prompts, stop_token_ids)
         params, requests = [], []
         for i, ids in enumerate(token_prompts):
             room = self.max_model_len - len(ids)
