@@ -282,6 +282,12 @@ def _check_tokenizer_covers(report: DataReport, encoder: Encoder) -> None:
         )
 
 
+def _finish_report(out: list, report: DataReport, encoder: Encoder) -> tuple[list, DataReport]:
+    report.kept = len(out)
+    _check_tokenizer_covers(report, encoder)
+    return out, report
+
+
 def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed: str = "error"
              ) -> tuple[list[TokenizedSeq], DataReport]:
     """SFT examples; rows longer than max_length are right-truncated (and counted), as the authors did."""
@@ -307,9 +313,7 @@ def load_sft(source: Path | str, encoder: Encoder, max_length: int, on_malformed
                 seq.completion = seq.completion[: max_length - len(seq.prompt)]
                 report.truncated += 1
             out.append(seq)
-    report.kept = len(out)
-    _check_tokenizer_covers(report, encoder)
-    return out, report
+    return _finish_report(out, report, encoder)
 
 
 def load_pairs(source: Path | str, encoder: Encoder, max_length: int, max_prompt_length: int = 0,
@@ -342,6 +346,4 @@ def load_pairs(source: Path | str, encoder: Encoder, max_length: int, max_prompt
                 report.drop("too_long")
             else:
                 out.append(pair)
-    report.kept = len(out)
-    _check_tokenizer_covers(report, encoder)
-    return out, report
+    return _finish_report(out, report, encoder)
