@@ -77,28 +77,27 @@ def is_target(module: str, spec: LoraSpec) -> bool:
     return ".layers." in module and module.rsplit(".", 1)[-1] in spec.targets
 
 
-def peft_to_mlx(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _rename_adapter(tensors: dict[str, np.ndarray], suffixes: dict[str, tuple[str, bool]], strip: str,
+                    add: str) -> dict[str, np.ndarray]:
+    """One rule for both directions: swap each key's LoRA/DoRA suffix, transposing where the layouts differ."""
     out = {}
     for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+        name = key[len(strip):] if strip and key.startswith(strip) else key
+        suffix = next((s for s in suffixes if name.endswith(s)), None)
         if suffix is None:
             raise UserError(f"adapter tensor {key}: not a LoRA/DoRA weight")
-        new, transpose = _SUFFIXES[suffix]
-        out[name[: -len(suffix)] + new] = np.ascontiguousarray(value.T if transpose else value)
+        new, transpose = suffixes[suffix]
+        out[add + name[: -len(suffix)] + new] = np.ascontiguousarray(value.T if transpose else value)
     return out
+
+
+def peft_to_mlx(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return _rename_adapter(tensors, _SUFFIXES, PEFT_PREFIX, "")
 
 
 def mlx_to_peft(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     back = {mlx: (peft, transpose) for peft, (mlx, transpose) in _SUFFIXES.items()}
-    out = {}
-    for key, value in tensors.items():
-        suffix = next((s for s in back if key.endswith(s)), None)
-        if suffix is None:
-            raise UserError(f"adapter tensor {key}: not a LoRA/DoRA weight")
-        new, transpose = back[suffix]
-        out[PEFT_PREFIX + key[: -len(suffix)] + new] = np.ascontiguousarray(value.T if transpose else value)
-    return out
+    return _rename_adapter(tensors, back, "", PEFT_PREFIX)
 
 
 def adapter_config(spec: LoraSpec, num_layers: int, base_model: str = "") -> dict:
