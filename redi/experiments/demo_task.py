@@ -91,6 +91,15 @@ def draw_problem(rng: np.random.Generator, teacher: TeacherModel) -> tuple[int, 
     return number(), number()
 
 
+def _draw_unseen(rng: np.random.Generator, teacher: TeacherModel, seen: set[tuple[int, int]]) -> tuple[int, int]:
+    """Draw until a problem not in ``seen`` comes up (train and eval never share one); mark it seen."""
+    while True:
+        a, b = draw_problem(rng, teacher)
+        if (a, b) not in seen:
+            seen.add((a, b))
+            return a, b
+
+
 def teacher_trace(a: int, b: int, rng: np.random.Generator, teacher: TeacherModel) -> Trace:
     """One teacher generation. The teacher carries on from what it wrote, right or wrong."""
     xs, ys = str(a)[::-1], str(b)[::-1]
@@ -167,10 +176,7 @@ def build_demo_data(out_dir: Path, seed: int, task: dict) -> None:
     raw, sft, pairs = [], [], []
     stats = {"generations": 0, "correct": 0, "shortcut_columns": 0, "columns": 0, "unsolved": 0}
     while len(raw) < n_train:
-        a, b = draw_problem(problem_rng, teacher)
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
+        a, b = _draw_unseen(problem_rng, teacher, seen)
         pid = f"demo-{len(raw)}"
         prompt = prompt_of(a, b)
         traces = sample_until_correct(a, b, teacher_rng, teacher)
@@ -194,10 +200,7 @@ def build_demo_data(out_dir: Path, seed: int, task: dict) -> None:
 
     evals = []
     while len(evals) < n_eval:
-        a, b = draw_problem(eval_rng, teacher)
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
+        a, b = _draw_unseen(eval_rng, teacher, seen)
         evals.append({"problem_id": f"demo-eval-{len(evals)}", "prompt": prompt_of(a, b), "answer": str(a + b)})
 
     out_dir = Path(out_dir)
