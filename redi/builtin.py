@@ -64,25 +64,31 @@ def _registered(spec: str, registry: dict, kind: str) -> str:
     return name
 
 
-def materialise_model(spec: str, run_dir: Path, seed: int, task: dict) -> str:
+def _materialise(spec: str, registry: dict, kind: str, run_dir: Path, build: Callable[[str, Path], None]) -> str:
+    """A ``builtin:NAME`` spec is built into ``run_dir/builtin-KIND`` and that path returned; any other spec as is."""
     if not spec.startswith(PREFIX):
         return spec
-    name = _registered(spec, MODEL_SHAPES, "model")
-    shape = MODEL_SHAPES[name]
-    overrides = {k: v for k, v in task.get("model", {}).items() if k in TinyQwen2.__dataclass_fields__}
-    if overrides:
-        shape = TinyQwen2(**{**shape.__dict__, **overrides})
-    out = run_dir / "builtin-model"
-    kwargs = {"alphabet": MODEL_ALPHABETS[name]} if name in MODEL_ALPHABETS else {}
-    build_model(out, shape=shape, seed=seed, **kwargs)
+    name = _registered(spec, registry, kind)
+    out = run_dir / f"builtin-{kind}"
+    build(name, out)
     return str(out)
+
+
+def materialise_model(spec: str, run_dir: Path, seed: int, task: dict) -> str:
+    def build(name: str, out: Path) -> None:
+        shape = MODEL_SHAPES[name]
+        overrides = {k: v for k, v in task.get("model", {}).items() if k in TinyQwen2.__dataclass_fields__}
+        if overrides:
+            shape = TinyQwen2(**{**shape.__dict__, **overrides})
+        kwargs = {"alphabet": MODEL_ALPHABETS[name]} if name in MODEL_ALPHABETS else {}
+        build_model(out, shape=shape, seed=seed, **kwargs)
+
+    return _materialise(spec, MODEL_SHAPES, "model", run_dir, build)
 
 
 def materialise_data(spec: str, run_dir: Path, seed: int, task: dict) -> str:
-    if not spec.startswith(PREFIX):
-        return spec
-    name = _registered(spec, DATA_BUILDERS, "data")
-    out = run_dir / "builtin-data"
-    out.mkdir(parents=True, exist_ok=True)
-    DATA_BUILDERS[name](out, seed, task)
-    return str(out)
+    def build(name: str, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        DATA_BUILDERS[name](out, seed, task)
+
+    return _materialise(spec, DATA_BUILDERS, "data", run_dir, build)
