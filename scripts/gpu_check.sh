@@ -92,18 +92,15 @@ if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ]; t
 fi
 BENCH="scripts/bench.py $SMOKE --steps $STEPS --warmup $WARMUP --out $OUT"
 COMPILED="redi+compile=true"
-if want bench4k; then
-    log "bench at 4k"
-    timeout ${T_4K:-320} $PY $BENCH $LEN4K --with-trl --trl-runs simpo --trl-settings gc,nogc --trl-timeout 110 \
-        --runs "redi,$COMPILED,$COMPILED+activation_checkpointing=auto:24+optim_state_dtype=bf16" >>"$LOG" 2>&1
-    log "bench 4k exit $?"
-fi
-if want bench16k; then  # TRL's CPO-SimPO ran out of memory at 16k on 2026-11-27; nogc is skipped if gc does
-    log "bench at 16k"
-    timeout ${T_16K:-400} $PY $BENCH $LEN16K --with-trl --trl-runs simpo --trl-settings gc,nogc --trl-timeout 120 \
-        --runs "redi,$COMPILED,$COMPILED+activation_checkpointing=auto:40+optim_state_dtype=bf16" >>"$LOG" 2>&1
-    log "bench 16k exit $?"
-fi
+bench_at() {  # LABEL TIMEOUT "LENGTH FLAGS" TRL_TIMEOUT ACTIVATION_CHECKPOINTING: redi, compiled, and TRL's SimPO
+    log "bench at $1"
+    timeout "$2" $PY $BENCH $3 --with-trl --trl-runs simpo --trl-settings gc,nogc --trl-timeout "$4" \
+        --runs "redi,$COMPILED,$COMPILED+activation_checkpointing=$5+optim_state_dtype=bf16" >>"$LOG" 2>&1
+    log "bench $1 exit $?"
+}
+if want bench4k; then bench_at 4k "${T_4K:-320}" "$LEN4K" 110 auto:24; fi
+# TRL's CPO-SimPO ran out of memory at 16k on 2026-11-27; nogc is skipped if gc does
+if want bench16k; then bench_at 16k "${T_16K:-400}" "$LEN16K" 120 auto:40; fi
 if want fsdp2; then  # one rank under torchrun is still sharded: FSDP2's hooks and NCCL, compiled layers
     log "FSDP2 (torchrun, 1 rank) with compile at 4k"
     timeout ${T_FSDP:-130} $PY -m torch.distributed.run --nproc-per-node 1 --standalone $BENCH $LEN4K \
