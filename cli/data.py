@@ -17,20 +17,27 @@ def _seed(text: str) -> Optional[int]:
         raise UserError(f"--shuffle-seed {text!r}: expected an integer or 'none'") from None
 
 
+def _summary_table(title: str, value_column: str, rows):
+    """Both `redi data` summaries: a two-column table, names left, values right-aligned."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column(value_column, justify="right")
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table
+
+
 def _print_summary(result) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from redi.pairing.pipeline import summary_rows
 
     report = result.report
-    table = Table(title=f"redi data pair: {report['input']} ({report['schema']})", show_header=False)
-    table.add_column("what")
-    table.add_column("rows", justify="right")
-    for name, value in summary_rows(report):
-        table.add_row(name, value)
     console = Console()
-    console.print(table)
+    console.print(_summary_table(f"redi data pair: {report['input']} ({report['schema']})", "rows",
+                                 summary_rows(report)))
     for entry in report["malformed"][:5]:
         console.print(f"  malformed row {entry['row']}: {entry['reason']}", markup=False, highlight=False)
     if len(report["malformed"]) > 5:
@@ -152,12 +159,8 @@ def _run_generate(teacher, problems, output, settings, force):
 
 def _print_generate_summary(result) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     report = result.report
-    table = Table(title=f"redi data generate: {report['teacher']}", show_header=False)
-    table.add_column("what")
-    table.add_column("value", justify="right")
     n = report["samples_per_problem"]
     rows = [("problems", report["problems"]), ("traces", report["traces"]),
             ("correct traces", report["correct_traces"]),
@@ -170,8 +173,6 @@ def _print_generate_summary(result) -> None:
     if run and run["tokens_per_second"]:
         rows += [("traces/s (this run)", f"{run['traces_per_second']:.2f}"),
                  ("tokens/s (this run)", f"{run['tokens_per_second']:,.0f}")]
-    for name, value in rows:
-        table.add_row(name, str(value))
-    Console().print(table)
+    Console().print(_summary_table(f"redi data generate: {report['teacher']}", "value", rows))
     typer.echo(f"wrote {result.out_dir}/traces.jsonl and report.json; next: "
                f"redi data pair {result.out_dir}/traces.jsonl --output PAIRS_DIR")
