@@ -22,6 +22,8 @@ from pathlib import Path
 
 from redi.tiny import TinyQwen2, build_model
 
+from bench_args import add_defaults  # scripts/ is on sys.path when a benchmark runs
+
 SHAPES = {
     # head_dim >= 32: vLLM's CPU attention kernels refuse smaller heads.
     "tiny": TinyQwen2(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -77,13 +79,9 @@ def bench_shape(shape: str, args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="tiny,20m", help=f"comma-separated: {', '.join(SHAPES)}")
-    parser.add_argument("--engines", default="native,vllm")
     parser.add_argument("--backend", default="cpu", help="the native engine's backend")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="native engine rows")
-    parser.add_argument("--repeats", type=int, default=3)
+    add_defaults(parser, engines="native,vllm", prompts=16, samples=4, max_new_tokens=256, repeats=3)
     args = parser.parse_args()
     print(f"\n{args.prompts} prompts x {args.samples} samples, <= {args.max_new_tokens} new tokens, T 0.6, top-p 0.95; "
           f"native backend {args.backend}; median of {args.repeats} timed calls after 1 warm-up", flush=True)

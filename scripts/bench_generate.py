@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_eval import SHAPES  # noqa: E402  (the eval benchmark's shapes: one list of model shapes)
+from bench_args import add_defaults  # noqa: E402
 
 
 def random_model(shape: str, out: Path) -> Path:
@@ -72,12 +73,7 @@ def main() -> None:
     what.add_argument("--teacher", help="an existing model folder (with --problems-file)")
     p.add_argument("--problems-file", help="problems for --teacher")
     p.add_argument("--problems", type=int, default=64, help="synthetic problems for --shape")
-    p.add_argument("--engines", default="native")
-    p.add_argument("--backend", default="cpu")
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--chunk-problems", type=int, default=64)
+    add_defaults(p, engines="native", backend="cpu", samples=4, max_new_tokens=48, temperature=0.6, chunk_problems=64)
     p.add_argument("--batch-size", type=int, default=64, help="the native engine's concurrent rows")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()

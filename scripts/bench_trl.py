@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import EOS, VOCAB_WORDS, make_model, peak_gib, synthetic_pairs  # noqa: E402
+from bench_args import add_defaults  # noqa: E402
 
 
 
@@ -193,15 +194,10 @@ def ratios(results: list[dict], trl: list[dict]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trainer", choices=sorted(TRL_TRAINERS), required=True)
-    p.add_argument("--max-len", type=int, default=4096)
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on")
     p.add_argument("--padding-free", action="store_true", help="SFTTrainer only")
-    p.add_argument("--shape", default="qwen2.5-1.5b")
     p.add_argument("--tiny", action="store_true", help="bench.py's tiny shape and short prompts, on the CPU")
-    p.add_argument("--output-dir", default="/tmp/redi_bench_trl")
+    add_defaults(p, max_len=4096, pairs=4, steps=20, warmup=5, shape="qwen2.5-1.5b", output_dir="/tmp/redi_bench_trl")
     args = p.parse_args()
     if args.padding_free and args.trainer not in PADDING_FREE_TRAINERS:
         raise SystemExit(f"padding_free: TRL 1.16 supports it in SFTTrainer only, not {args.trainer}")
