@@ -241,9 +241,11 @@ def test_version_short_help_and_config_show(capsys):
     from redi.config import valid_keys
 
     assert set(lines) == set(valid_keys())  # every key, and nothing else
-    # None defaults (alpha, pairs.learning_rate) mean the objective's paper value.
-    assert lines["alpha"].startswith("* ") and lines["alpha"].split()[2:] == ["0.5", "(default", "paper-default)"]
-    assert lines["pairs.learning_rate"].split()[2:] == ["2e-06", "(default", "paper-default)"]
+    # Defaults are resolved for the default objective (redi): its paper values; keys it does not use
+    # (beta, gamma) stay "paper-default", the value whichever objective a run picks would take.
+    assert lines["alpha"].startswith("* ") and lines["alpha"].split()[2:] == ["0.5", "(default", "0.8)"]
+    assert lines["pairs.learning_rate"].split()[2:] == ["2e-06", "(default", "1e-06)"]
+    assert lines["beta"].split() == ["beta", "paper-default"]
     assert lines["seed"].split() == ["seed", "42"]
 
 
