@@ -81,16 +81,16 @@ def train(
     demo = config is None and model is None and data is None and resume is None and stage is None
     cfg = build_config(config, backend, stage, objective, model, data, output, max_steps, max_length, seed,
                        save_every, overrides)
-    _check_flags(cfg, model, data, objective, max_steps)
     if keep_last is not None:
         cfg.keep_last = keep_last
     if skip_nonfinite is not None:
         cfg.skip_nonfinite = skip_nonfinite
     if stop_on_collapse:
         cfg.stop_on_collapse = True
-    if dry_run:
+    if dry_run:  # the resolved recipe only: its model and data need not exist yet (a stage-2 recipe's start)
         _print_resolved(cfg)
         return
+    _check_flags(cfg, model, data, objective, max_steps)
     if demo and cfg.model == "builtin:demo" and max_steps != 0:
         # No model, data or recipe given: the built-in demo (data -> SFT -> REDI -> held-out evaluation).
         from redi.experiments.demo import run_demo
