@@ -34,3 +34,16 @@ def im_end_model_dir(tmp_path_factory) -> str:
     path = build_model(tmp_path_factory.mktemp("im-end-model"), shape=PARITY_SHAPE, seed=5)
     force_token(path, "<|im_end|>")
     return str(path)
+
+
+def available_backends() -> list[str]:
+    """The backends this machine can run: cpu always, mlx where MLX and its backend import."""
+    out = ["cpu"]
+    try:
+        import mlx.core  # noqa: F401
+
+        from redi.backends.mlx.backend import MLXBackend  # noqa: F401
+        out.append("mlx")
+    except Exception:
+        pass
+    return out

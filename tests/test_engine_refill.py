@@ -4,6 +4,7 @@ generate`: refilling appended each running row's pending token a second time ("\
 from __future__ import annotations
 
 import pytest
+from conftest import available_backends
 
 from redi.evaluation.engines import make_engine
 from redi.training.api import load_tokenizer
@@ -11,15 +12,7 @@ from redi.training.api import load_tokenizer
 PROMPTS = ["1+1=", "What is 12 times 3?", "x", "Solve: 7*8-5", "hello there", "ab", "The answer is"]
 
 
-def _backends():
-    out = ["cpu"]
-    try:
-        from redi.backends.mlx.backend import MLXBackend  # noqa: F401
-
-        out.append("mlx")
-    except Exception:
-        pass
-    return out
+_backends = available_backends
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -12,22 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import available_backends
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 ARGS = ["--config", TINY, "--stage", "both", "--set", "sft.max_steps=14", "--set", "pairs.max_steps=14",
         "--save-every", "3", "--keep-last", "2"]
 
 
-def _backends():
-    out = ["cpu"]
-    try:
-        import mlx.core  # noqa: F401
-
-        from redi.backends.mlx.backend import MLXBackend  # noqa: F401
-        out.append("mlx")
-    except Exception:
-        pass
-    return out
+_backends = available_backends
 
 
 def _cmd(backend, out, resume=False):
