@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from redi.atomic import fsync_dir as _fsync_dir
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -18,15 +20,6 @@ def _fsync_tree(path: Path) -> None:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """A folder's entries (a rename into it, a new file) made durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
