@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def show(
         config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe to resolve (default: the built-in defaults)."),
         overrides: List[str] = typer.Option([], "--set", help="KEY=VALUE, as in redi train."),
-        markdown: bool = typer.Option(False, "--markdown", help="The key table of the README: key, default, what it does, which backend reads it."),
+        markdown: bool = typer.Option(False, "--markdown", help="The key table of docs/config.md: key, default, what it does, which backend reads it."),
     ) -> None:
         """Print every config key with its resolved value; * marks keys that differ from the default."""
         from redi.config import apply_overrides, load_config, validate
