@@ -9,7 +9,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    config_app = typer.Typer(help="The shipped recipes and the configuration keys.", no_args_is_help=True)
+    config_app = typer.Typer(help="The shipped recipes and the configuration keys.", no_args_is_help=True,
+                             rich_markup_mode=None)
     app.add_typer(config_app, name="config")
 
     @config_app.command("show")
@@ -31,9 +32,6 @@ def register(app: typer.Typer) -> None:
     @config_app.command("list")
     def list_recipes() -> None:
         """Print the shipped recipes: the name --config takes (paper/sft) and what each is for."""
-        from redi.recipes import shipped_recipes
+        from redi.recipes import listing
 
-        recipes = shipped_recipes()
-        width = max(len(name) for name, _ in recipes)
-        for name, text in recipes:
-            typer.echo(f"{name:<{width}}  {text}")
+        typer.echo(listing(), nl=False)

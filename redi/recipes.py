@@ -51,3 +51,10 @@ def shipped_recipes() -> list[tuple[str, str]]:
     root = shipped_root()
     found = [(p.relative_to(root).as_posix().removesuffix(SUFFIX), description(p)) for p in root.rglob(f"*{SUFFIX}")]
     return sorted(found)
+
+
+def listing() -> str:
+    """`redi config list`: one line per shipped recipe, its name padded to a column, then its description."""
+    recipes = shipped_recipes()
+    width = max(len(name) for name, _ in recipes)
+    return "".join(f"{name:<{width}}  {text}\n" for name, text in recipes)
