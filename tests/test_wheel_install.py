@@ -23,6 +23,8 @@ WARNING = re.compile(r"(?i)\bwarning\b|deprecat|would be ignored|absent from")
 
 pytest.importorskip("build", reason="needs the build package (the test extra)")
 pytest.importorskip("twine", reason="needs twine (the test extra)")
+if int(pytest.importorskip("setuptools").__version__.split(".")[0]) < 77:
+    pytest.skip("needs setuptools>=77 for the SPDX license field (the test extra)", allow_module_level=True)
 
 
 def build_release(dist: Path) -> str:
