@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare(
-        config: Optional[Path] = typer.Option(None, "--config", help="Compare grid YAML (default: the built-in demo grid)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Compare grid: a YAML file or a shipped name (paper/compare; default: compare, the demo grid)."),
         output: Path = typer.Option(Path("runs/compare"), "--output", help="Folder for compare.md/.csv and plots."),
         backend: Optional[str] = typer.Option(None, "--backend", help="cpu | cuda | mlx."),
         seeds: Optional[int] = typer.Option(None, "--seeds", help="Repeat each arm with N seeds (mean ± std)."),
@@ -19,13 +19,11 @@ def register(app: typer.Typer) -> None:
                                             "(pairs.max_steps=400)."),
     ) -> None:
         """Run each arm of the grid (REDI, symmetric, DPO, SimPO, continued SFT) and tabulate and plot them."""
-        from importlib.resources import files
-
         from redi.experiments.compare_report import run_compare
         from redi.errors import UserError
+        from redi.recipes import resolve_recipe
 
-        if config is None:
-            config = Path(str(files("redi.configs") / "compare.yaml"))
+        config = resolve_recipe(config or "compare", what="compare config")
         if seeds is not None and seeds < 1:
             raise UserError("--seeds must be at least 1")
         run_compare(config, output, backend or "", seeds, sets=overrides)

@@ -5,6 +5,7 @@ from typing import List, Optional
 
 import typer
 
+from redi.cli.help import UsageCommand
 from redi.errors import UserError
 
 
@@ -52,14 +53,15 @@ def _print_summary(result) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    data_app = typer.Typer(help="Prepare training data from teacher traces.", no_args_is_help=True)
+    data_app = typer.Typer(help="Prepare training data from teacher traces.", no_args_is_help=True,
+                           rich_markup_mode=None)
     app.add_typer(data_app, name="data")
-    data_app.command("pair")(pair)
+    data_app.command("pair", cls=UsageCommand)(pair)
     data_app.command("generate")(generate)
 
 
 def pair(
-    input: str = typer.Argument(..., help="Teacher traces: .jsonl(.gz), .json, .parquet, a save_to_disk or data folder, or a hub name."),
+    input: str = typer.Argument(..., metavar="INPUT", help="Teacher traces: .jsonl(.gz), .json, .parquet, a save_to_disk or data folder, or a hub name."),
     output: str = typer.Option(..., "--output", "-o", help="Folder for sft.*, pairs.* and report.json."),
     schema: Optional[str] = typer.Option(None, "--schema", help="openr1-raw | openr1-220k | flat (default: detected from the columns)."),
     split: str = typer.Option("train", "--split", help="Split of a hub dataset, DatasetDict folder or data folder."),

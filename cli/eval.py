@@ -25,10 +25,22 @@ def results_table(results: dict, title: str):
     return table
 
 
+def print_plan(benchmarks: List[str], settings) -> None:
+    """--dry-run: each benchmark's source and problem count after --limit, and the sampling settings."""
+    from redi.evaluation.pipeline import benchmark_source, load_benchmark
+
+    for spec in benchmarks:
+        name, problems = load_benchmark(spec, settings.limit)
+        count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
+        typer.echo(f"{name}: {count} from {benchmark_source(spec)}")
+    typer.echo(f"{settings.samples} samples each, T {settings.temperature}, top-p {settings.top_p}, "
+               f"{settings.max_new_tokens} new tokens, grader {settings.grader_name}, template {settings.template}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: str = typer.Option(..., "--model", help="HF model directory (or hub name when online)."),
+        model: Optional[str] = typer.Option(None, "--model", help="HF model directory (or hub name when online); required unless --dry-run."),
         benchmark: List[str] = typer.Option(..., "--benchmark", help="math500 | aime24 | amc23 | minerva | olympiadbench (the paper's files, shipped), hf:<hub dataset>, or a jsonl/parquet with problem and answer. Repeatable."),
         output: str = typer.Option("eval", "--output", help="Folder for samples.jsonl, results.json and settings.json."),
         engine: Optional[str] = typer.Option(None, "--engine", help="vllm | native (default: native when --backend is given, else vllm when installed, else native)."),
@@ -49,6 +61,7 @@ def register(app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(None, "--workers", help="Grading processes (default: all cores)."),
         limit: int = typer.Option(0, "--limit", help="Only the first N problems of each benchmark."),
         force: bool = typer.Option(False, "--force", help="Add to an --output whose recorded model or settings differ."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the benchmarks and print the plan; load no model, write nothing."),
     ) -> None:
         """Pass@1 over N samples with the paper's SEM, pass@k, mean length and truncation rate."""
         from rich.console import Console
@@ -69,6 +82,11 @@ def register(app: typer.Typer) -> None:
         settings = EvalSettings(samples, temperature, top_p, max_new_tokens, force_think,
                                 None if no_system_prompt else (system_prompt or QWEN_MATH_SYSTEM), template, seed,
                                 batch_size, workers, limit, grader, engine, tensor_parallel, data_parallel)
+        if dry_run:
+            print_plan(benchmark, settings)
+            return
+        if model is None:
+            raise UserError("--model is required (only --dry-run runs without one)")
         try:
             results = evaluate(model, benchmark, output, settings, backend, force=force)
         except KeyboardInterrupt:

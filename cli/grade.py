@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from redi.cli.help import UsageCommand
 from redi.errors import UserError
 
 
@@ -37,9 +38,9 @@ def _print_table(path: Path, summary: dict, grader: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("grade")
+    @app.command("grade", cls=UsageCommand)
     def grade(
-        responses: Path = typer.Argument(..., help='JSONL, one {"id", "response", "answer"} per line; '
+        responses: Path = typer.Argument(..., metavar="RESPONSES", help='JSONL, one {"id", "response", "answer"} per line; '
                                                    "several lines per id are several samples."),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write per-sample verdicts (JSONL)."),

@@ -18,6 +18,9 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help, not rich panels: rich cut option names at 80 columns (`--tensor-parall…`) and took
+    # `[default: …]` in help text for markup. Every typer.Typer in cli/ passes the same (tests/test_cli_docs.py).
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -40,6 +43,8 @@ def _root(
 
 def _register_commands() -> None:
     # One line per command module; each module exposes `register(app)`.
+    if app.registered_commands:  # already done (main() called twice in one process, or cli/help.py first)
+        return
     from redi.cli import train as train_cmd
 
     train_cmd.register(app)

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe (see configs/)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe: a file, or a shipped name (paper/sft; `redi config list`)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="cpu | cuda | mlx (default: cuda if available, mlx on Apple silicon, else cpu)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="sft | pairs | both.  [default: both]"),
     objective: Optional[str] = typer.Option(None, "--objective", help=" | ".join(PAIR_OBJECTIVES) + ".  [default: redi]"),

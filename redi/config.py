@@ -20,6 +20,7 @@ from redi.errors import UserError
 from redi.layer_checkpointing import checkpointing_mode
 from redi.lora import spec_from_config
 from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES, PAPER_DEFAULTS
+from redi.recipes import resolve_recipe
 
 BACKENDS = ("cpu", "cuda", "mlx")
 STAGES = ("sft", "pairs", "both")
@@ -243,9 +244,7 @@ def load_config(path: str | Path | None) -> Config:
     cfg = Config()
     if path is None:
         return cfg
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
+    p = resolve_recipe(path)  # a file, or a shipped recipe by name (paper/sft)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:

@@ -1,5 +1,5 @@
 """What each config key does and which backend reads it: the source of `redi config show` and of the
-README's key table (`redi config show --markdown`; a test keeps the README in step). Defaults are not
+key table in docs/config.md (`redi config show --markdown`; a test keeps the page in step). Defaults are not
 repeated here: they come from the dataclasses in redi/config.py."""
 from __future__ import annotations
 

@@ -210,7 +210,7 @@ class Encoder:
             if self.system_prompt and not self.ignored_system_prompt:
                 self.ignored_system_prompt = True
                 print("warning: system_prompt is set but the rows are plain strings, which skip the chat "
-                      "template: it is ignored (use message rows to get it; see the README's data formats)",
+                      "template: it is ignored (use message rows to get it; see docs/train.md's data formats)",
                       file=sys.stderr)
             return prompt, completion
         msgs = list(prompt)

@@ -1,6 +1,6 @@
 """Both graders on the same 20 cases; prints a Markdown table and the cases where they disagree.
 
-    python scripts/compare_graders.py            # the table the README's eval section shows
+    python scripts/compare_graders.py            # the table docs/evaluation.md shows
 
 rllm is the paper's grader (redi.evaluation.rllm_grader); math-verify is redi's default outside the paper's
 template. Both see the same responses, with ``</think>`` required (the paper forced ``<think>``).

@@ -121,7 +121,7 @@ for f in "$OUT"/bench-*.md; do [ -e "$f" ] && { echo; cat "$f"; } | tee -a "$LOG
 # ------------------------------------------------ eval engine (issue 13; separate from the training benches)
 # The native engine on a random-init Qwen2.5-1.5B shape: 64 prompts x 4 samples x up to 4,096 new tokens,
 # bf16 on the GPU, continuous batching over 256 rows. vLLM is not on the GPU image (its wheel is far over what
-# can be carried there), so its side of the README's H200 estimate is a cited number (docs/evaluation.md).
+# can be carried there), so its side of docs/evaluation.md's H200 estimate is a cited number (docs/evaluation.md).
 if want evalnative; then
     log "eval engine: native on qwen2.5-1.5b shape"
     EVAL_ARGS="--engines native --backend cuda --shapes qwen2.5-1.5b --prompts 64 --samples 4 --max-new-tokens 4096 --batch-size 256 --repeats 1"
@@ -131,7 +131,7 @@ if want evalnative; then
 fi
 # ---------------------------------------------------------------- redi data generate (issue 19)
 # Not yet run on a GPU. Native engine (vLLM is not on the GPU image), a random Qwen2.5-1.5B shape, 64 problems
-# x 4 samples x 1,024 new tokens, all 256 rows at once: traces/s and tokens/s for the README's generate section.
+# x 4 samples x 1,024 new tokens, all 256 rows at once: traces/s and tokens/s for docs/generate.md's throughput section.
 if [[ " ${PHASES[*]} " == *" generate "* ]]; then  # on demand: the default phases above fill a lease
     GEN="--shape qwen2.5-1.5b --backend cuda --problems 64 --samples 4 --max-new-tokens 1024 --batch-size 256"
     [ -n "$SMOKE" ] && GEN="--shape tiny --backend cpu --problems 8 --samples 2 --max-new-tokens 16"

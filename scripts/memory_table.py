@@ -4,7 +4,7 @@ The arithmetic of docs/cuda.md's "Memory arithmetic" and of the activation-check
 (``backends/torch_cuda/layers.py``: ``MemoryModel``, ``lm_head_workspace``), for one micro-batch of one pair
 (2 x max length tokens, a packed row), with every layer checkpointed and with none. Estimates, not measurements.
 
-    python scripts/memory_table.py            # the LoRA rows of docs/cuda.md and the README
+    python scripts/memory_table.py            # the LoRA rows of docs/cuda.md and docs/lora.md
 """
 from __future__ import annotations
 

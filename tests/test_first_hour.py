@@ -249,12 +249,12 @@ def test_version_short_help_and_config_show(capsys):
     assert lines["seed"].split() == ["seed", "42"]
 
 
-def test_readme_config_table_is_generated_from_the_code():
+def test_docs_config_table_is_generated_from_the_code():
     from redi.config_docs import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
-    assert table == markdown_table(), "README's key table is stale: paste `redi config show --markdown`"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    table = page.split("<!-- config-keys:start -->\n")[1].split("<!-- config-keys:end -->")[0]
+    assert table == markdown_table(), "docs/config.md's key table is stale: run `python scripts/sync_docs.py`"
 
 
 # ----------------------------------------------------------------------------- 14: string rows skip the template

@@ -253,7 +253,7 @@ def test_collapse_alarm_on_replayed_runs(name):
     assert bool(fired) == fires, fired
     if fires:  # sustained: once it fires, it stays on for most of the rest of the run
         assert len(fired) > 0.8 * (100 - fired[0]), fired
-        assert fired[0] == FIRST_FIRE[name]  # the steps the README and guards.py quote
+        assert fired[0] == FIRST_FIRE[name]  # the steps docs/checkpoints.md and guards.py quote
 
 
 @pytest.mark.parametrize("window, drop, ratio", [(5, 0.05, 1.5), (20, 0.2, 2.0), (10, 0.1, 1.5), (5, 0.2, 2.0)])

@@ -97,7 +97,7 @@ def make_engine(name: str | None, model_path: str, *, backend: str = "", tensor_
         tokenizer = load_tokenizer(model_path)
     if name == "vllm":
         if not vllm_available():
-            raise UserError("--engine vllm needs vLLM on Linux: pip install 'redi[vllm]' (see the README), "
+            raise UserError("--engine vllm needs vLLM on Linux: pip install 'redi[vllm]' (see docs/evaluation.md), "
                             "or use --engine native")
         return VLLMEngine(model_path, tokenizer, tensor_parallel=tensor_parallel, data_parallel=data_parallel,
                           seed=seed, max_model_len=max_model_len)

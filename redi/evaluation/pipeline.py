@@ -93,10 +93,21 @@ def _hub_rows(spec: str) -> list:
                         f"fetched: {type(err).__name__}; pass a local jsonl/parquet with problem and answer") from None
 
 
-def _paper_rows(name: str) -> list:
+def _paper_file(name: str) -> Path:
     from importlib.resources import files
 
-    return json.loads(files("redi.evaluation").joinpath("benchmarks", PAPER_BENCHMARKS[name]).read_text("utf-8"))
+    return Path(str(files("redi.evaluation").joinpath("benchmarks", PAPER_BENCHMARKS[name])))
+
+
+def _paper_rows(name: str) -> list:
+    return json.loads(_paper_file(name).read_text("utf-8"))
+
+
+def benchmark_source(spec: str) -> str:
+    """Where ``load_benchmark(spec)`` reads from: the file, the shipped copy of a paper benchmark, or the hub."""
+    if Path(spec).exists() or spec not in PAPER_BENCHMARKS:
+        return spec
+    return str(_paper_file(spec))
 
 
 def load_benchmark(spec: str, limit: int = 0, id_field: str | None = None) -> tuple[str, list[dict]]:

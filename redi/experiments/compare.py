@@ -22,6 +22,7 @@ import yaml
 
 from redi.config import Config, apply_mapping, continued_sft_config, load_config, validate
 from redi.errors import UserError
+from redi.recipes import resolve_recipe
 from redi.training.guards import CollapseDetector
 from redi.training.metrics import read_metrics
 
@@ -68,12 +69,7 @@ def _resolve(path: str, base: Path) -> Path:
         return p
     if (base / p).exists():
         return base / p
-    from importlib.resources import files
-
-    packaged = Path(str(files("redi.configs") / p))
-    if packaged.exists():
-        return packaged
-    raise UserError(f"recipe '{path}' not found (looked beside {base} and in redi.configs)")
+    return resolve_recipe(path, what=f"recipe (looked beside {base} and in the shipped recipes)")
 
 
 def apply_sets(raw: dict, sets: list[str]) -> dict:
@@ -99,8 +95,7 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
 
 
 def load_compare_config(path: Path, sets: list[str] | None = None) -> CompareConfig:
-    if not path.is_file():
-        raise UserError(f"compare config not found: {path}")
+    path = resolve_recipe(path, what="compare config")  # a file, or a shipped grid by name (paper/compare)
     raw = apply_sets(yaml.safe_load(path.read_text()) or {}, sets or [])
     unknown = set(raw) - COMPARE_KEYS
     if unknown:
