@@ -216,3 +216,31 @@ def test_redi_neg_weighting_gradient_matches_the_closed_form_and_finite_differen
             assert (f[0] - f[1]) / (2 * h) == pytest.approx(float(s_l.grad[i]), rel=1e-6)
     # Below P_l = -1/gamma the authors' weighted term pushes the rejected log-prob *up* (gradient sign flips).
     assert (s_l.grad.numpy()[p_l < -1 / gamma] > 0).all() == detached
+
+
+def test_authors_names_are_aliases_in_files_and_set(tmp_path):
+    from redi.config import apply_overrides, load_config, objective_line, validate
+
+    cfg = validate(apply_overrides(load_config(None), ["reinforce_chosen_coef=0.9", "reinforce_rejected_coef=0.5"]))
+    assert (cfg.chosen_coef, cfg.alpha) == (0.9, 0.5)
+    assert "chosen_coef 0.9 (paper: 1)" in objective_line(cfg) and "alpha 0.5 (paper: 0.8)" in objective_line(cfg)
+    # The paper's values: the run's line stays as before (chosen_coef and negw shown only when changed).
+    assert objective_line(validate(load_config(None))) == "objective redi: lr 1e-06, alpha 0.8"
+    # use_neg_weighting, the authors' switch: false means off whatever gamma says, in either order, as in their
+    # trainer; true alone takes their default gamma 1; a gamma redi is given turns the weighting on by itself.
+    for text, gamma in [("use_neg_weighting: false\nneg_weighting_gamma: 2.0\n", 0.0),
+                        ("neg_weighting_gamma: 2.0\nuse_neg_weighting: false\n", 0.0),
+                        ("use_neg_weighting: true\nneg_weighting_gamma: 2.0\n", 2.0),
+                        ("use_neg_weighting: true\n", 1.0), ("neg_weighting_gamma: 0.5\n", 0.5)]:
+        (tmp_path / "c.yaml").write_text(text)
+        assert validate(load_config(tmp_path / "c.yaml")).neg_weighting_gamma == gamma, text
+    sets = ["use_neg_weighting=false", "neg_weighting_gamma=3"]
+    assert validate(apply_overrides(load_config(None), sets)).neg_weighting_gamma == 0.0
+
+
+def test_both_negative_weightings_at_once_are_refused():
+    from redi.config import apply_overrides, load_config, validate
+    from redi.errors import UserError
+
+    with pytest.raises(UserError, match="'neg_weighting_gamma' and 'neg_weighting_detached_gamma' are two variants"):
+        validate(apply_overrides(load_config(None), ["neg_weighting_gamma=1", "neg_weighting_detached_gamma=1"]))
