@@ -122,8 +122,8 @@ def _ablation(name: str, input: str, output: str, opts, force: bool) -> None:
     report = ablation.verifier_signal(input, output, opts, force=force)
     console = Console()
     console.print(_summary_table(f"redi data pair --ablation {name}: {input}", "rows", ablation.summary_rows(report)))
-    sets = ", ".join(f"{folder}/" for folder in ablation.SETS.values())
-    console.print(f"wrote {output}: {sets} split.jsonl, report.json", markup=False, highlight=False)
+    sets = ", ".join([f"{folder}/" for folder in ablation.SETS.values()] + ["split.jsonl", "report.json"])
+    console.print(f"wrote {output}: {sets}", markup=False, highlight=False)
     if not report["main"]["pairs"]:
         raise UserError(f"no pairs came out of {input} (Type A problems: {report['type_a']}); see {output}/report.json")
 

@@ -84,7 +84,7 @@ class _Reader:
                              require_complete=require_complete)
         # "Both false" = not (llama or math-verify); completeness only ever limits what counts as correct.
         self.either = RowRules(schema, correct_if="any", exclude_sources=exclude_sources, require_complete=False)
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.dropped = dict.fromkeys((r for r in DROP_REASONS if r != "contaminated"), 0)  # no --decontaminate
         self.malformed: list[dict] = []
         self.problems: list[Problem] = []
         self.no_correct = 0
