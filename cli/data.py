@@ -80,6 +80,7 @@ def pair(
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes for reading and for math-verify (default: all cores for inputs over 32 MB; 0 = none)."),
     grade_timeout: float = typer.Option(5.0, "--grade-timeout", help="Seconds per math-verify judgement."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --output folder (replaces sft.*, pairs.*, report.json)."),
+    ablation: Optional[str] = typer.Option(None, "--ablation", help="verifier-signal: the authors' ablation sets instead (mixed SFT, main and inverted pairs; docs/paper.md)."),
 ) -> None:
     """Teacher traces -> SFT set (first correct trace) and pairs (first correct vs first incorrect)."""
     from rich.progress import Progress
@@ -94,6 +95,8 @@ def pair(
                        decontaminate=tuple(decontaminate), ngram_size=ngram_size,
                        shuffle_seed=_seed(shuffle_seed), output_format=fmt, workers=workers,
                        grade_timeout=grade_timeout)
+    if ablation is not None:
+        return _ablation(ablation, input, output, opts, force)
     with Progress(transient=True) as progress:
         task = progress.add_task("pairing", total=None)
 
@@ -109,6 +112,23 @@ def pair(
         dropped = ", ".join(f"{k} {v}" for k, v in report["rows_dropped"].items() if v) or "none"
         raise UserError(f"no pairs came out of {input} ({report['rows_read']} rows read; dropped: {dropped}); "
                         f"see {result.out_dir}/report.json")
+
+
+def _ablation(name: str, input: str, output: str, opts, force: bool) -> None:
+    from rich.console import Console
+
+    from redi.pairing import ablation
+
+    if name not in ablation.ABLATIONS:
+        raise UserError(f"unknown --ablation {name!r} (choose from {', '.join(ablation.ABLATIONS)})")
+    report = ablation.verifier_signal(input, output, opts, force=force)
+    console = Console()
+    console.print(_summary_table(f"redi data pair --ablation {name}: {input}", "rows", ablation.summary_rows(report)))
+    sets = ", ".join([f"{folder}/" for folder in ablation.SETS.values()] + ["split.jsonl", "report.json"])
+    console.print(f"wrote {output}: {sets}", markup=False, highlight=False)
+    if not report["main"]["pairs"]:
+        raise UserError(f"no pairs came out of {input} (Type A problems: {report['type_a']}); see {output}/report.json")
+
 
 def generate(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model: HF model folder (or hub name when online)."),

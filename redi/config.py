@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from redi.authors_keys import AUTHORS_ALIASES, AUTHORS_SWITCH, set_use_neg_weighting, switch_last
 from redi.errors import UserError
 from redi.layer_checkpointing import checkpointing_mode
 from redi.lora import spec_from_config
@@ -58,6 +59,11 @@ class Config:
     alpha: float | None = None
     beta: float | None = None
     gamma: float | None = None
+    # REDI's other options in the authors' code (redi.objectives.redi_loss): the chosen term's coefficient and
+    # the negative weighting exp(gamma * S_l/L_l) of the rejected term, gradient through it or detached.
+    chosen_coef: float | None = None
+    neg_weighting_gamma: float | None = None
+    neg_weighting_detached_gamma: float | None = None
     seed: int = 42
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final model
     keep_last: int = 2
@@ -102,7 +108,9 @@ class Config:
         return {k: getattr(self, k) for k in OBJECTIVE_PARAMS.get(self.objective, {}) if getattr(self, k) is not None}
 
 
-OBJECTIVE_KEYS = ("alpha", "beta", "gamma")
+OBJECTIVE_KEYS = ("alpha", "beta", "gamma", "chosen_coef", "neg_weighting_gamma", "neg_weighting_detached_gamma")
+# Shown in the run's objective line only where they differ from the paper's (all are off or neutral there).
+_QUIET_KEYS = ("chosen_coef", "neg_weighting_gamma", "neg_weighting_detached_gamma")
 
 
 def resolve_objective(cfg: Config) -> Config:
@@ -124,7 +132,8 @@ def objective_line(cfg: Config) -> str:
     """The run's stage-2 hyperparameters in one line, each marked where it differs from the paper's."""
     paper = PAPER_DEFAULTS.get(cfg.objective, {})
     values = {"lr": (cfg.pairs.learning_rate, paper.get("learning_rate"))}
-    values.update({k: (v, paper.get(k)) for k, v in cfg.objective_params().items()})
+    values.update({k: (v, paper.get(k)) for k, v in cfg.objective_params().items()
+                   if k not in _QUIET_KEYS or v != paper.get(k)})
     parts = [f"{k} {v:g}" + ("" if p is None or p == v else f" (paper: {p:g})") for k, (v, p) in values.items()]
     if cfg.objective == "symmetric":
         parts.append("alpha 1 (fixed)")
@@ -193,6 +202,10 @@ def _coerce(key: str, raw: Any, target_type: Any, where: str) -> Any:
 
 
 def _set(cfg: Config, key: str, raw: Any, where: str) -> None:
+    key = AUTHORS_ALIASES.get(key, key)
+    if key == AUTHORS_SWITCH:
+        set_use_neg_weighting(cfg, _coerce(key, raw, bool, where))
+        return
     parts = key.split(".")
     if len(parts) == 2 and parts[0] in ("model_config", "task"):  # one entry of a free-form mapping
         value = yaml.safe_load(raw) if isinstance(raw, str) else raw
@@ -223,7 +236,7 @@ RETIRED_KEYS = {"collapse_growth": "the collapse alarm no longer reads the updat
 
 
 def apply_mapping(cfg: Config, mapping: dict, where: str) -> Config:
-    for key, value in mapping.items():
+    for key, value in switch_last(list(mapping.items())):
         if key in RETIRED_KEYS:
             print(f"warning: {where}: key '{key}' is ignored ({RETIRED_KEYS[key]})", file=sys.stderr)
             continue
@@ -232,11 +245,14 @@ def apply_mapping(cfg: Config, mapping: dict, where: str) -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    items = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
-        _set(cfg, key.strip(), value, "--set")
+        items.append((key.strip(), value))
+    for key, value in switch_last(items):
+        _set(cfg, key, value, "--set")
     return cfg
 
 
@@ -273,6 +289,9 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'on_malformed' must be error or skip, got '{cfg.on_malformed}'")
     if cfg.beta is not None and cfg.beta <= 0:
         raise UserError(f"config key 'beta' must be positive, got {cfg.beta!r}")
+    if cfg.neg_weighting_gamma and cfg.neg_weighting_detached_gamma and cfg.objective == "redi":
+        raise UserError("config keys 'neg_weighting_gamma' and 'neg_weighting_detached_gamma' are two variants of "
+                        "one weight (gradient through it, or detached); set only one")
     if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
     check_memory_options(cfg.activation_checkpointing, cfg.optim_state_dtype)

@@ -31,9 +31,14 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "backend": ("cpu | cuda | mlx; empty: cuda if available, mlx on Apple silicon, else cpu", ALL),
     "stage": ("sft | pairs | both", ALL),
     "objective": ("stage 2 loss: redi | symmetric | dpo | simpo | orpo", ALL),
-    "alpha": ("REDI: weight of the rejected term; unset: the paper's 0.8 (symmetric: fixed at 1)", ALL),
+    "alpha": ("REDI: weight of the rejected term (authors' reinforce_rejected_coef); unset: the paper's 0.8 "
+              "(symmetric: fixed at 1)", ALL),
     "beta": ("DPO/SimPO beta, ORPO's lambda; unset: the objective's default (DPO 0.001, SimPO 2, ORPO 0.1)", ALL),
     "gamma": ("SimPO target margin; unset: the paper's 1", ALL),
+    "chosen_coef": ("REDI: weight of the chosen term (authors' reinforce_chosen_coef); unset: 1", ALL),
+    "neg_weighting_gamma": ("REDI: rejected term times exp(gamma * its logp/len), gradient through the weight as "
+                            "the authors' use_neg_weighting; 0 (unset): off", ALL),
+    "neg_weighting_detached_gamma": ("REDI: the same weight, detached (not in the authors' code); 0 (unset): off", ALL),
     "seed": ("data order, model init of built-ins, sampling", ALL),
     "save_every": ("checkpoint every N optimizer steps; 0: only the final model", ALL),
     "keep_last": ("checkpoints kept (oldest pruned)", ALL),

@@ -29,6 +29,8 @@ class ArrayOps(Protocol):
     def sum(self, x: Any) -> Any: ...
     def asarray(self, x: Any) -> Any: ...  # a numpy array (e.g. cached reference log-probs) as this module's array
     def log1mexp(self, x: Any) -> Any: ...  # log(1 - exp(x)) for x < 0, computed stably
+    def exp(self, x: Any) -> Any: ...
+    def stop_gradient(self, x: Any) -> Any: ...  # x's value, through which no gradient flows
 
 
 class NumpyOps:
@@ -53,6 +55,14 @@ class NumpyOps:
     @staticmethod
     def log1mexp(x: Any) -> Any:
         return np.log(-np.expm1(x))
+
+    @staticmethod
+    def exp(x: Any) -> Any:
+        return np.exp(x)
+
+    @staticmethod
+    def stop_gradient(x: Any) -> Any:
+        return x  # numpy has no gradients
 
 
 @dataclass(frozen=True)
@@ -88,11 +98,31 @@ def sft_loss(ops: ArrayOps, logps: Any, lengths: Any) -> Any:
     return -ops.sum(logps) / ops.sum(lengths)
 
 
-def redi_loss(ops: ArrayOps, s: PairStats, *, alpha: float = 0.8) -> tuple[Any, Any, Any]:
-    """Eq. 5: -S_w/L_w + alpha * S_l/L_l, averaged over pairs. No sigmoid, reference or margin."""
+def redi_loss(ops: ArrayOps, s: PairStats, *, alpha: float = 0.8, chosen_coef: float = 1.0,
+              neg_weighting_gamma: float = 0.0, neg_weighting_detached_gamma: float = 0.0) -> tuple[Any, Any, Any]:
+    """Eq. 5: -c_w * S_w/L_w + alpha * w * S_l/L_l, averaged over pairs. No sigmoid, reference or margin.
+
+    As the authors' TRL fork (``loss_type="reinforce"``): c_w is their ``reinforce_chosen_coef`` (1 in every
+    recipe), alpha their ``reinforce_rejected_coef``, and w their "negw" weight (off in every recipe):
+    w = exp(gamma * S_l/L_l) with ``neg_weighting_gamma`` = gamma and the gradient flowing through w, as theirs
+    does; ``neg_weighting_detached_gamma`` is the same weight held constant in the backward pass (not in their
+    code). gamma 0 (both, the default) is w = 1, the paper's loss."""
     chosen = s.chosen_logps / s.chosen_lengths
     rejected = s.rejected_logps / s.rejected_lengths
-    return ops.mean(-chosen + alpha * rejected), chosen, rejected
+    weight = negative_weight(ops, rejected, neg_weighting_gamma, neg_weighting_detached_gamma)
+    rejected_term = alpha * rejected if weight is None else alpha * rejected * weight
+    return ops.mean(-chosen_coef * chosen + rejected_term), chosen, rejected
+
+
+def negative_weight(ops: ArrayOps, rejected: Any, gamma: float, detached_gamma: float) -> Any:
+    """The authors' negw weight exp(gamma * P_l) of each rejected trace's length-normalised log-prob P_l, or None
+    (weight 1) when both gammas are 0. Their weight is not detached; ``detached_gamma`` gives the detached one."""
+    if gamma and detached_gamma:
+        raise ValueError("neg_weighting_gamma and neg_weighting_detached_gamma are two variants of one weight; "
+                         "set only one")
+    if detached_gamma:
+        return ops.stop_gradient(ops.exp(detached_gamma * rejected))
+    return ops.exp(gamma * rejected) if gamma else None
 
 
 def symmetric_loss(ops: ArrayOps, s: PairStats) -> tuple[Any, Any, Any]:
@@ -140,7 +170,10 @@ class Objective:
 # (redi-spec.md §3.3, Table 2: REDI alpha 0.8 lr 1e-6; symmetric REDI, i.e. alpha 1, lr 2e-7; DPO beta 0.001
 # lr 2e-7; SimPO beta 2, gamma 1, lr 5e-7). A run takes them for every key its config leaves unset.
 PAPER_DEFAULTS: dict[str, dict[str, float]] = {
-    "redi": {"learning_rate": 1e-6, "alpha": 0.8},
+    # chosen_coef and the two negw gammas are the authors' code options at their recipe's values (redi-spec.md
+    # §2.2): chosen coefficient 1, negative weighting off (gamma 0: weight exp(0) = 1).
+    "redi": {"learning_rate": 1e-6, "alpha": 0.8, "chosen_coef": 1.0, "neg_weighting_gamma": 0.0,
+             "neg_weighting_detached_gamma": 0.0},
     "symmetric": {"learning_rate": 2e-7},
     "dpo": {"learning_rate": 2e-7, "beta": 0.001},
     "simpo": {"learning_rate": 5e-7, "beta": 2.0, "gamma": 1.0},

@@ -216,3 +216,21 @@ def test_step_axes_have_integer_ticks_and_accuracy_none_below_zero():
     assert all(float(t).is_integer() for t in ax.get_xticks() if lo <= t <= hi)
     assert ax.get_ylim()[0] >= 0 and min(t for t in ax.get_yticks() if t >= ax.get_ylim()[0]) >= 0
     plt.close(fig)
+
+
+def test_neg_weighting_and_chosen_coef_are_arm_keys(tmp_path):
+    """Issue 24: REDI's negative weighting (either variant) and c_w are compare arms like any objective key."""
+    from redi.experiments.compare import arm_config, load_compare_config
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""recipe: {TINY}
+arms:
+  - {{name: negw, objective: redi, neg_weighting_gamma: 1.5, chosen_coef: 0.9}}
+  - {{name: negw-detached, objective: redi, neg_weighting_detached_gamma: 2.0}}
+  - {{name: own-data, objective: redi, data: elsewhere/pairs}}
+""")
+    cc = load_compare_config(grid)
+    configs = [arm_config(cc, arm, 0, "sft-model", "grid-data", tmp_path / arm.name) for arm in cc.arms]
+    assert [(c.neg_weighting_gamma, c.neg_weighting_detached_gamma, c.chosen_coef) for c in configs] == [
+        (1.5, 0.0, 0.9), (0.0, 2.0, 1.0), (0.0, 0.0, 1.0)]  # unset keys: the paper's (off, c_w 1)
+    assert [c.data for c in configs] == ["grid-data", "grid-data", "elsewhere/pairs"]

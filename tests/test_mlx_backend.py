@@ -134,7 +134,12 @@ def _grads_torch(t: TorchBackend) -> dict[str, np.ndarray]:
     return {n: p.grad.numpy().copy() for n, p in t.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("objective", ["redi", "symmetric", "dpo", "simpo", "orpo", "sft"])
+# REDI with the authors' negative weighting (gradient through the weight) and its detached variant.
+VARIANTS = {"redi-negw": ("redi", {"neg_weighting_gamma": 1.0, "chosen_coef": 0.7}),
+            "redi-negw-detached": ("redi", {"neg_weighting_detached_gamma": 2.0})}
+
+
+@pytest.mark.parametrize("objective", ["redi", "symmetric", "dpo", "simpo", "orpo", "sft", *VARIANTS])
 def test_objective_loss_and_gradients_match_torch(backends, pair_batch, objective):
     t, m = backends
     if objective == "sft":
@@ -143,7 +148,8 @@ def test_objective_loss_and_gradients_match_torch(backends, pair_batch, objectiv
     else:
         batch = MicroBatch(pair_batch.seqs, 3, 0.5, np.arange(3))
         batch.ref_logps = t.sequence_logps(batch)[0] + np.array([-3.0, 1.0, 2.0, 0.5, -1.0, 4.0])
-        run = StageRun("pairs", None, [], make_objective(objective), 0)
+        name, params = VARIANTS.get(objective, (objective, {}))
+        run = StageRun("pairs", None, [], make_objective(name, **params), 0)
     loss_fn = micro_batch_loss(run, batch)
     t.init_optimizer(weight_decay=0.0)
     m.init_optimizer(weight_decay=0.0)
@@ -163,6 +169,29 @@ def test_objective_loss_and_gradients_match_torch(backends, pair_batch, objectiv
     assert m.optimizer_step(1e-3, 0.5)["grad_norm"] == pytest.approx(t.optimizer_step(1e-3, 0.5)["grad_norm"], rel=1e-5)
     t.load(t.model_path)
     m.load(str(m.source))
+
+
+@pytest.mark.parametrize("params", VARIANTS.values(), ids=list(VARIANTS))
+def test_neg_weighting_loss_and_gradient_match_torch_to_1e6(params):
+    """The objective alone, on the same float32 S and L: MLX's loss and dloss/dS equal torch's to 1e-6."""
+    from redi.backends.mlx.backend import MLXOps
+    from redi.backends.torch_cuda.backend import TorchOps
+    from redi.objectives import PairStats
+
+    objective = make_objective(params[0], **params[1])
+    s = np.array([-2.0, -6.5, -0.3, -4.0, -3.0, -9.0], dtype=np.float32)  # chosen x3, then rejected x3
+    lengths = np.array([2.0, 3.0, 1.0, 4.0, 1.0, 5.0], dtype=np.float32)
+    s_t = torch.tensor(s, requires_grad=True)
+    loss_t = objective(TorchOps(torch.device("cpu")), PairStats.from_halves(s_t, torch.tensor(lengths)))[0]
+    loss_t.backward()
+
+    def mlx_loss(x):
+        return objective(MLXOps(), PairStats.from_halves(x, mx.array(lengths)))[0]
+
+    loss_m, grad_m = mx.value_and_grad(mlx_loss)(mx.array(s))
+    assert abs(loss_m.item() - loss_t.item()) <= 1e-6
+    np.testing.assert_allclose(np.array(grad_m), s_t.grad.numpy(), atol=1e-6, rtol=0)
+    assert np.abs(s_t.grad.numpy()).max() > 1e-2
 
 
 def test_checkpointing_and_compile_change_nothing(tiny_model_dir, pair_batch):

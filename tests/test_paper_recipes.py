@@ -181,7 +181,10 @@ def test_dry_run_prints_the_resolved_recipe(tmp_path):
 # ------------------------------------------------------------------ per-objective defaults, the resolved config
 
 # The paper's chosen values (redi-spec.md §3.3), written out by hand: not read from PAPER_DEFAULTS.
-PAPER_CHOICES = {"redi": (1e-6, {"alpha": 0.8}), "symmetric": (2e-7, {}), "dpo": (2e-7, {"beta": 0.001}),
+# REDI's c_w 1 and negative weighting off (gamma 0) are the authors' recipe values (redi-spec.md §2.2).
+PAPER_CHOICES = {"redi": (1e-6, {"alpha": 0.8, "chosen_coef": 1.0, "neg_weighting_gamma": 0.0,
+                                 "neg_weighting_detached_gamma": 0.0}),
+                 "symmetric": (2e-7, {}), "dpo": (2e-7, {"beta": 0.001}),
                  "simpo": (5e-7, {"beta": 2.0, "gamma": 1.0})}
 
 

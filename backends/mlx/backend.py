@@ -53,6 +53,14 @@ class MLXOps:
     def log1mexp(x: mx.array) -> mx.array:
         return mx.log(-mx.expm1(x))
 
+    @staticmethod
+    def exp(x: mx.array) -> mx.array:
+        return mx.exp(x)
+
+    @staticmethod
+    def stop_gradient(x: mx.array) -> mx.array:
+        return mx.stop_gradient(x)
+
 
 @dataclass
 class MLXOptions:

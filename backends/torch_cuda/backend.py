@@ -53,6 +53,14 @@ class TorchOps:
     def log1mexp(x: torch.Tensor) -> torch.Tensor:
         return torch.log(-torch.expm1(x))
 
+    @staticmethod
+    def exp(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+    @staticmethod
+    def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
 
 def write_top_level_rope_theta(model_dir: Path) -> None:
     """The saved config.json with ``rope_theta`` on top as well (``rope_theta_on_top``: mlx-lm reads it there)."""

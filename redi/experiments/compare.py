@@ -20,13 +20,13 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from redi.config import Config, apply_mapping, continued_sft_config, load_config, validate
+from redi.config import OBJECTIVE_KEYS, Config, apply_mapping, continued_sft_config, load_config, validate
 from redi.errors import UserError
 from redi.recipes import resolve_recipe
 from redi.training.guards import CollapseDetector
 from redi.training.metrics import read_metrics
 
-ARM_KEYS = {"name", "objective", "alpha", "beta", "gamma", "learning_rate", "start", "paper"}
+ARM_KEYS = {"name", "objective", *OBJECTIVE_KEYS, "learning_rate", "start", "data", "paper"}
 COMPARE_KEYS = {"recipe", "sft_checkpoint", "sft_checkpoints", "eval_every", "seeds", "arms", "eval", "overrides"}
 TRAINED_START = "sft"  # the start model's name when the grid trains stage 1 itself (no sft_checkpoint given)
 
@@ -39,6 +39,7 @@ class Arm:
     params: dict[str, float] = field(default_factory=dict)
     start: str = ""  # a key of CompareConfig.starts; "": the first
     paper: dict[str, float] = field(default_factory=dict)  # the paper's pass@1 (%) per benchmark, and "avg"
+    data: str = ""  # this arm's pair set (a `redi data pair` folder or file); "": the grid's data
 
 
 @dataclass
@@ -110,10 +111,11 @@ def load_compare_config(path: Path, sets: list[str] | None = None) -> CompareCon
             raise UserError(f"{path} arm {i + 1}: needs name and objective; unknown keys: {', '.join(sorted(bad)) or 'none'}")
         if a.get("start") and a["start"] not in {s.name for s in starts}:
             raise UserError(f"{path} arm {i + 1}: start '{a['start']}' is not a key of sft_checkpoints")
-        params = {k: float(a[k]) for k in ("alpha", "beta", "gamma") if k in a}
+        params = {k: float(a[k]) for k in OBJECTIVE_KEYS if k in a}
         lr = a.get("learning_rate", recipe.pairs.learning_rate)
         arms.append(Arm(str(a["name"]), str(a["objective"]), None if lr is None else float(lr), params,
-                        str(a.get("start") or ""), _paper_numbers(a.get("paper"), f"{path} arm {i + 1}")))
+                        str(a.get("start") or ""), _paper_numbers(a.get("paper"), f"{path} arm {i + 1}"),
+                        str(a.get("data") or "")))
     if not arms:
         raise UserError(f"{path}: no arms")
     if len({a.name for a in arms}) != len(arms):
@@ -218,6 +220,7 @@ def _digest(settings: dict) -> str:
 
 def arm_config(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str, out: Path) -> Config:
     cfg = copy.deepcopy(cc.recipe)
+    data = arm.data or data
     cfg.model, cfg.data, cfg.output, cfg.seed = sft_model, data, str(out), seed
     cfg.save_every, cfg.keep_last = cc.eval_every, 0  # every eval point is a checkpoint, all kept
     # Each arm is its own tracker run (report_to comes from the recipe or the compare config's overrides).
@@ -228,7 +231,8 @@ def arm_config(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str
     else:
         # Unset hyperparameters take the objective's paper values (validate resolves them).
         cfg.stage, cfg.objective = "pairs", arm.objective
-        cfg.alpha, cfg.beta, cfg.gamma = arm.params.get("alpha"), arm.params.get("beta"), arm.params.get("gamma")
+        for key in OBJECTIVE_KEYS:
+            setattr(cfg, key, arm.params.get(key))
     if arm.learning_rate is not None or arm.objective != "sft":
         (cfg.sft if arm.objective == "sft" else cfg.pairs).learning_rate = arm.learning_rate
     return validate(cfg)
