@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from redi.atomic import kill_point, write_text_atomic
 from redi.objectives import NumpyOps, Objective, PairStats, sft_loss
 
 
@@ -51,6 +52,7 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.fh.write(json.dumps(clean) + "\n")
         self.fh.flush()
+        kill_point("metrics-append")  # between steps: the resume tests' "killed mid-stage"
 
     def close(self) -> None:
         self.fh.close()
@@ -65,4 +67,4 @@ def read_metrics(path: Path) -> list[dict]:
 def truncate_metrics(path: Path, last_global_step: int) -> None:
     """Keep only records up to ``last_global_step`` (resume rewinds to the checkpoint's step)."""
     kept = [r for r in read_metrics(path) if r.get("global_step", 0) <= last_global_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept), point="metrics-rewind")
