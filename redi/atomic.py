@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 KILL_ENV = "REDI_KILL_AT"
@@ -84,6 +85,14 @@ def drop_partial_last_line(path: str | Path) -> int:
     if keep < size:
         os.truncate(path, keep)
     return size - keep
+
+
+def recover_jsonl(path: str | Path) -> None:
+    """Before appending to a jsonl file a killed process wrote: drop its half-written last line, and say so."""
+    cut = drop_partial_last_line(path)
+    if cut:
+        print(f"warning: {path}: dropped a half-written last line ({cut} bytes; the writer was killed mid-line)",
+              file=sys.stderr)
 
 
 def write_text_atomic(path: str | Path, text: str, *, point: str | None = None) -> Path:

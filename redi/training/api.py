@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redi.atomic import drop_partial_last_line, remove_stale, write_text_atomic
+from redi.atomic import recover_jsonl, remove_stale, write_text_atomic
 from redi.backend import Backend, backend_options, make_backend, model_edits
 from redi.builtin import materialise_data, materialise_model
 from redi.config import Config, dump, objective_line, resolved_dict, to_dict, validate
@@ -60,20 +60,26 @@ def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder:
         objective = make_objective(cfg.objective, **cfg.objective_params())
     if not examples:
         raise UserError(f"no usable {stage} rows in {source} ({report.rows} read, dropped: {report.dropped or 'none'})")
-    _shrink_to_data(settings, len(examples))
+    shrunk = _shrink_to_data(stage, settings, len(examples))
     run = StageRun(stage, settings, examples, objective, cfg.seed)
     run.report = report.to_dict()  # type: ignore[attr-defined]
+    run.shrunk = shrunk  # type: ignore[attr-defined]
     return run
 
 
-def _shrink_to_data(settings, n_examples: int) -> None:
+def _shrink_to_data(stage: str, settings, n_examples: int) -> str | None:
     """A batch larger than the data is the data (what the step plan trains anyway); config.yaml records it.
-    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid."""
+    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid. Returns
+    the warning that says so (None when nothing changed)."""
     if n_examples >= settings.batch_size:
-        return
+        return None
+    batch, micro = settings.batch_size, settings.micro_batch_size
     settings.batch_size = n_examples
-    settings.micro_batch_size = max(d for d in range(1, min(settings.micro_batch_size, n_examples) + 1)
-                                    if n_examples % d == 0)
+    settings.micro_batch_size = max(d for d in range(1, min(micro, n_examples) + 1) if n_examples % d == 0)
+    change = f"batch_size {batch} -> {n_examples}"
+    if settings.micro_batch_size != micro:
+        change += f", micro_batch_size {micro} -> {settings.micro_batch_size} (it must divide {n_examples})"
+    return f"{stage}: only {n_examples:,} rows for batch_size {batch:,}: {change}; every step is a whole epoch"
 
 
 def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Guards:
@@ -190,7 +196,7 @@ def _prepare(cfg: Config, resume: bool, backend: Backend | None) -> _Session:
         model_warnings(cfg, model_path, list(runs))
         for stage, run in runs.items():
             print(stage_line(stage, run.report, run.plan(), run.settings))  # type: ignore[attr-defined]
-            stage_warnings(stage, run.report, run.settings)  # type: ignore[attr-defined]
+            stage_warnings(stage, run.report, run.settings, run.shrunk)  # type: ignore[attr-defined]
     return _Session(cfg, run_dir, stages, state, backend, model_path, data, encoder, runs)
 
 
@@ -214,9 +220,7 @@ def _open_run(session: _Session) -> None:
     metrics_path = run_dir / "metrics.jsonl"
     if session.main:
         dump(cfg, run_dir / "config.yaml", backend.name)
-        cut = drop_partial_last_line(metrics_path)
-        if cut:
-            warn(f"{metrics_path}: dropped a half-written last line ({cut} bytes; the run was killed mid-write)")
+        recover_jsonl(metrics_path)
         if state:
             truncate_metrics(metrics_path, state["global_step"])
         elif metrics_path.exists():
