@@ -50,7 +50,8 @@ def temporary_name(path: Path, kind: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}"
 
 
-_STALE = re.compile(r"\..+\.(tmp|old)-\d+")
+# temporary_name's names, and the checkpoint folders' names before it (".tmp-step-8-PID", ".old-final-PID")
+_STALE = re.compile(r"\..+\.(tmp|old)-\d+|\.(tmp|old)-.+-\d+")
 
 
 def remove_stale(folder: str | Path) -> list[Path]:

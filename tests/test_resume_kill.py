@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import available_backends
-from forkrun import ForkRunner
 
 from redi.training.run_folder import WRITE_POINTS
 
@@ -46,21 +45,14 @@ def _cases():
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    forks = ForkRunner(tmp_path_factory.mktemp("fork-logs"), {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    yield forks
-    forks.close()
-
-
-@pytest.fixture(scope="module")
-def references(runner, tmp_path_factory):
+def references(fork_runner, tmp_path_factory):
     """One uninterrupted run per backend, shared by every scenario."""
     done = {}
 
     def get(backend):
         if backend not in done:
             out = tmp_path_factory.mktemp(f"ref-{backend}") / "run"
-            result = runner.run(_train(backend, out))
+            result = fork_runner.run(_train(backend, out))
             assert result.returncode == 0, result.output
             done[backend] = _result(out)
         return done[backend]
@@ -99,21 +91,21 @@ def _leftovers(run: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("backend,scenario", _cases())
-def test_sigkill_then_resume_is_bit_identical(runner, references, tmp_path, backend, scenario):
+def test_sigkill_then_resume_is_bit_identical(fork_runner, references, tmp_path, backend, scenario):
     reference = references(backend)
     run = tmp_path / "run"
     for index, point in enumerate(SCENARIOS[scenario]):
-        killed = runner.run(_resume(run) if index else _train(backend, run), REDI_KILL_AT=point)
+        killed = fork_runner.run(_resume(run) if index else _train(backend, run), REDI_KILL_AT=point)
         assert killed.returncode == -9, f"{point} was never reached: {killed.output}"
     if scenario == "config-first-write":
-        refused = runner.run(_resume(run))
+        refused = fork_runner.run(_resume(run))
         assert refused.returncode == 2 and "no config.yaml there" in refused.output
         assert _leftovers(run) == [f".config.yaml.tmp-{_pid(run)}"]
-        finished = runner.run(_train(backend, run))
+        finished = fork_runner.run(_train(backend, run))
     else:
         if scenario == "during-checkpoint-write":
             assert not (run / "checkpoints" / "step-6").exists() and _leftovers(run)  # never picked as a checkpoint
-        finished = runner.run(_resume(run))
+        finished = fork_runner.run(_resume(run))
     assert finished.returncode == 0, finished.output
     assert _leftovers(run) == []  # a killed write's temporaries are removed
     result = _result(run)

@@ -151,6 +151,7 @@ def _resume_check(cfg: Config, run_dir: Path, force: bool) -> dict | None:
     config.yaml; ``force`` accepts it), and any change to a finished run, which is never extended: every
     step's learning rate depends on the step count, so steps already taken would not match a longer run.
     A finished run's summary when there is nothing to do."""
+    read_metrics(run_dir / "metrics.jsonl")  # a damaged line is named before any data is loaded
     summary = finished_summary(run_dir)
     drift = config_drift(run_dir, cfg, summary)
     if drift and summary is not None:
@@ -263,18 +264,19 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
         run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,
                                         run_dir / "reference_logps.npy", progress)
 
+    sealed = resolved_dict(cfg, backend.name)  # what --resume compares a later config with
+
     def save_checkpoint(folder: Path, st: dict) -> None:
         def write(tmp: str | None) -> None:
             backend.save_checkpoint(tmp)  # collective under multi-process; rank 0 writes
             if tmp:
-                ckpt.write_state(Path(tmp), st)
+                ckpt.write_state(Path(tmp), {**st, "config": sealed})
 
         save_on_main(backend, folder, write, point="checkpoint")
 
-    sealed = resolved_dict(cfg, backend.name)  # what --resume compares a later config with
     session.global_step = run_stage(run, backend, run_dir, session.writer, global_step=session.global_step,
                                     start_step=start_step, save_every=cfg.save_every, keep_last=cfg.keep_last,
-                                    progress=progress, on_checkpoint=lambda folder, st: save_checkpoint(folder, {**st, "config": sealed}),
+                                    progress=progress, on_checkpoint=save_checkpoint,
                                     guards=_guards(cfg, stage, run, session.previous))
     if stage == "sft" and len(session.stages) == 2:
         def write_sft(tmp: str | None, step: int = session.global_step) -> None:

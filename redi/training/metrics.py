@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from redi.atomic import kill_point, write_text_atomic
+from redi.errors import UserError
 from redi.objectives import NumpyOps, Objective, PairStats, sft_loss
 
 
@@ -59,9 +60,21 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """Every record; a half-written last line (a kill mid-append, cut off on resume) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise UserError(f"{path} line {number}: not a JSON record; the run folder was changed by hand or "
+                            f"damaged") from None
+    return records
 
 
 def truncate_metrics(path: Path, last_global_step: int) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from redi.training import checkpoint as ckpt
+from redi.training.metrics import read_metrics
 from redi.config import Config, load_config, resolved_dict, validate
 from redi.errors import UserError
 
@@ -84,7 +85,11 @@ def finished_summary(run_dir: Path) -> dict | None:
     summary = run_dir / "summary.json"
     if not (summary.is_file() and (run_dir / "final").is_dir()):
         return None
-    return json.loads(summary.read_text())
+    try:  # unreadable only if written before summary.json was atomic: then the run resumes and rewrites it
+        data = json.loads(summary.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def sealed_config(run_dir: Path, two_stages: bool, summary: dict | None) -> dict | None:
@@ -136,8 +141,8 @@ def stopped_note(run_dir: Path) -> str:
     """Where an interrupted run stopped and what `--resume` will pick up, in one line."""
     if not run_dir.is_dir():
         return f"stopped before training started; nothing was written to {run_dir}"
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    last = json.loads(lines[-1]) if lines else None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    last = records[-1] if records else None
     where = f"after {last['stage']} step {last['step']} (global step {last['global_step']})" if last else "before the first step"
     point = resume_point(run_dir, (run_dir / "sft_final").exists())
     if point.get("checkpoint"):
