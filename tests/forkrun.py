@@ -29,6 +29,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         os.environ.update(request["env"])
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the requests' pipe is the server's alone
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(log, 1)
         os.dup2(log, 2)
