@@ -133,11 +133,14 @@ def test_an_eval_resume_drops_a_half_written_sample(fork_runner, tiny_model_dir,
     assert sorted(r["id"] for r in rows) == sorted(json.loads(x)["id"] for x in lines)  # the cut one again
 
 
-def test_readme_stage_line_and_shrink_warning_are_what_the_code_prints(fork_runner, tmp_path):
-    """Regression (issue 22 §5): micro_batch_size 4 became 1 with 7 rows and nothing said so; the README's
-    example showed another line. Its example data: 8 pair rows, one malformed, the tiny recipe's batch 8 x 4."""
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(r"\n```\n(pairs: 7 of 8 rows kept.*?)\n```", readme, re.S).group(1).splitlines()
+def test_documented_stage_line_and_shrink_warning_are_what_the_code_prints(fork_runner, tmp_path):
+    """Regression (issue 22 §5): micro_batch_size 4 became 1 with 7 rows and nothing said so; the documented
+    example (README.md, or the docs/ page it moved to) showed another line. Its example data: 8 pair rows, one malformed, the tiny recipe's batch 8 x 4."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # wherever the example lives
+    found = [m.group(1) for path in docs for m in re.finditer(r"\n```\n(pairs: 7 of 8 rows kept.*?)\n```",
+                                                              path.read_text(encoding="utf-8"), re.S)]
+    assert len(found) == 1
+    example = found[0].splitlines()
     rows = [json.dumps({"prompt": f"{a}+1=?", "chosen": str(a + 1), "rejected": str(a + 2)}) for a in range(7)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(rows[:3] + ["{not json"] + rows[3:]) + "\n")
