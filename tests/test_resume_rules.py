@@ -158,3 +158,16 @@ def test_a_damaged_metrics_line_inside_the_file_is_one_error_line(fork_runner, f
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     line = _one_error_line(fork_runner.run(["train", "--resume", str(run)]))
     assert f"{run / 'metrics.jsonl'} line 3: not a JSON record" in line
+
+
+def test_a_key_missing_from_the_sealed_config_compares_at_its_default(fork_runner, finished, tmp_path):
+    """A run sealed by an older version lacks keys added since; at their defaults they are no change."""
+    run = _copy(finished, tmp_path, stopped=True)
+    state_path = run / "checkpoints" / "step-4" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["config"]["lm_head_chunk"] == 1024 and state["config"]["sft"]["learning_rate"] == 0.003
+    del state["config"]["lm_head_chunk"]
+    state_path.write_text(json.dumps(state))
+    resumed = fork_runner.run(["train", "--resume", str(run)])
+    assert resumed.returncode == 0 and "resumed from sft step 4 of 6" in resumed.output, resumed.output
+    assert _same_final(run, finished)

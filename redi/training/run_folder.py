@@ -9,7 +9,7 @@ import yaml
 
 from redi.training import checkpoint as ckpt
 from redi.training.metrics import read_metrics
-from redi.config import Config, load_config, resolved_dict, validate
+from redi.config import Config, apply_mapping, resolved_dict, validate
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
@@ -102,18 +102,18 @@ def sealed_config(run_dir: Path, two_stages: bool, summary: dict | None) -> dict
 
 
 def config_drift(run_dir: Path, cfg: Config, summary: dict | None = None) -> list[str]:
-    """Keys (dotted) whose value differs from the sealed config; a hand edit of config.yaml counts."""
+    """Keys (dotted) whose value differs from the sealed config; a hand edit of config.yaml counts. A run folder
+    from before the seal compares with its config.yaml."""
     sealed = sealed_config(run_dir, cfg.stage == "both", summary)
-    saved_path = run_dir / "config.yaml"
-    if sealed is not None:
-        saved = flatten(_plain(sealed))
-    elif not saved_path.exists():
+    path = run_dir / "config.yaml"
+    if sealed is None and not path.exists():
         return []
-    else:
-        try:  # resolved like the run's own config, so a folder written before resolution (beta: 0.0) compares equal
-            saved = flatten(_plain(resolved_dict(validate(load_config(saved_path)))))
-        except UserError:  # keys this version does not know: compare the file as written
-            saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    raw = sealed if sealed is not None else yaml.safe_load(path.read_text())
+    raw = raw if isinstance(raw, dict) else {}
+    try:  # resolved again by this version: keys it added (at their defaults), or a folder written before
+        saved = flatten(_plain(resolved_dict(validate(apply_mapping(Config(), raw, str(path))))))  # resolution
+    except UserError:  # keys this version does not know: compare the record as written
+        saved = flatten(_plain(raw))
     now = flatten(_plain(resolved_dict(cfg)))
     return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
