@@ -73,9 +73,9 @@ def train(
     from redi.training.api import train as run_train
 
     if resume is not None:
-        if not (resume / "config.yaml").exists():
-            raise UserError(f"--resume {resume}: no config.yaml there; not a redi run folder")
-        config = config or resume / "config.yaml"
+        from redi.training.run_folder import check_run_config
+
+        config = config or check_run_config(resume)
         output = str(resume)
     # Nothing but presentation flags given: the demo pipeline. Any --stage means plain training instead.
     demo = config is None and model is None and data is None and resume is None and stage is None

@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from redi.atomic import write_text_atomic
 from redi.authors_keys import AUTHORS_ALIASES, AUTHORS_SWITCH, set_use_neg_weighting, switch_last
 from redi.errors import UserError
 from redi.layer_checkpointing import checkpointing_mode
@@ -381,7 +382,7 @@ def resolved_dict(cfg: Config, backend: str = "") -> dict:
 
 
 def dump(cfg: Config, path: str | Path, backend: str = "") -> None:
-    Path(path).write_text(yaml.safe_dump(resolved_dict(cfg, backend), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(resolved_dict(cfg, backend), sort_keys=False), point="config")
 
 
 def compile_mode(value: str | bool) -> str:

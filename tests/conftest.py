@@ -47,3 +47,13 @@ def available_backends() -> list[str]:
     except Exception:
         pass
     return out
+
+
+@pytest.fixture(scope="module")
+def fork_runner(tmp_path_factory):
+    """`redi` commands forked from one warm interpreter (tests/forkrun.py); one thread: tiny models, busy CI."""
+    from forkrun import ForkRunner
+
+    forks = ForkRunner(tmp_path_factory.mktemp("fork-logs"), {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    yield forks
+    forks.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,8 @@ def test_collapse_detector_rule_by_hand():
 def test_resume_refuses_changed_config_and_names_keys(tmp_path):
     cfg = _cfg(tmp_path, "pairs.max_steps=4", "save_every=2")
     train(cfg, backend=ScriptedBackend(STEADY, STEADY - 0.5, np.full(30, 0.01)))
+    shutil.rmtree(tmp_path / "run" / "final")  # as if stopped after the step-2 checkpoint (a finished run is
+    (tmp_path / "run" / "summary.json").unlink()  # never changed: test_first_hour.py)
     changed = apply_overrides(_cfg(tmp_path, "pairs.max_steps=4", "save_every=2"), ["pairs.learning_rate=0.5", "alpha=0.5"])
     with pytest.raises(UserError, match=r"differs from the run's in: alpha, pairs.learning_rate \(--force"):
         train(changed, resume=True, backend=ScriptedBackend(STEADY, STEADY - 0.5, np.full(30, 0.01)))

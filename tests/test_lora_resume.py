@@ -3,6 +3,7 @@ the resumed run's losses, adapter and merged final model are bit-identical to an
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from test_resume_kill import _env, _kill_when  # noqa: E402
+
+def _env(**extra):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -57,10 +60,12 @@ def test_sigkill_during_a_stage_2_checkpoint_then_resume_is_bit_identical(kill_r
     """tests/test_resume_kill.py's pattern with DoRA adapters, killed while step-10 (stage 2) is being written:
     resume = sft_final + the step-8 adapter + its AdamW state."""
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    proc = subprocess.Popen(_kill_cmd(run), env=_kill_env(REDI_FAULT_CHECKPOINT_DELAY="2"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, lambda: ckpts.exists() and any(p.name.startswith(".tmp-step-10") for p in ckpts.iterdir()))
+    # The 4th checkpoint (step-10) dies after its files are written and before its rename (redi.atomic).
+    killed = subprocess.run(_kill_cmd(run), env=_kill_env(REDI_KILL_AT="checkpoint@4"), capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, killed.stderr
     assert not (ckpts / "step-10").exists() and (ckpts / "step-8").exists()
+    assert any(p.name.startswith(".step-10.tmp-") for p in ckpts.iterdir())
     assert {p.name for p in (ckpts / "step-8").iterdir()} == {"adapter_model.safetensors", "adapters.safetensors",
                                                              "adapter_config.json", "optimizer.pt", "trainer_state.json"}
     resumed = subprocess.run(_kill_cmd(run, resume=True), env=_kill_env(), capture_output=True, text=True, timeout=600)

@@ -1,89 +1,130 @@
-"""Fault injection: SIGKILL a training subprocess at several points, resume, and compare with an
-uninterrupted run. On the CPU in fp32 the final weights and every per-step loss must be bit-identical."""
+"""Fault injection at every named write point of a training run (redi.training.run_folder.WRITE_POINTS): the
+run SIGKILLs itself there (``REDI_KILL_AT=point[@N]``), is resumed, and is compared with an uninterrupted run.
+On the CPU in fp32 the final weights, metrics.jsonl (timings aside), data_report.json and summary.json must be
+identical. The kill is deterministic: the process dies at the named instant; no timer races the run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import available_backends
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-ARGS = ["--config", TINY, "--stage", "both", "--set", "sft.max_steps=14", "--set", "pairs.max_steps=14",
-        "--save-every", "3", "--keep-last", "2"]
+from redi.training.run_folder import WRITE_POINTS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# Global steps: sft 1-4 (checkpoint step-2, then sft_final/), pairs 5-8 (checkpoint step-6), then final/.
+ARGS = ["--config", TINY, "--stage", "both", "--set", "sft.max_steps=4", "--set", "pairs.max_steps=4",
+        "--save-every", "2", "--keep-last", "2"]
+
+# name: the kill point of each call in turn (the first trains, the others resume); a clean resume follows.
+SCENARIOS = {
+    "mid-sft": ["metrics-append@3"],
+    "mid-pairs": ["metrics-append@7"],
+    "first-data-report": ["data-report@1"],
+    "sft-pairs-boundary": ["data-report@2"],  # sft_final/ is in place, stage 2 starts
+    "during-sft-checkpoint-write": ["checkpoint@1"],
+    "during-checkpoint-write": ["checkpoint@2"],
+    "during-sft-final-write": ["sft-final"],
+    "during-final-write": ["final"],
+    "during-summary-write": ["summary"],
+    "config-rewrite-on-resume": ["metrics-append@7", "config"],  # the issue-22 bug: an empty config.yaml
+    "metrics-rewind-on-resume": ["metrics-append@7", "metrics-rewind"],
+    "config-first-write": ["config"],  # no config.yaml yet: --resume refuses; the same command starts again
+}
+MLX_SCENARIOS = ["mid-sft", "sft-pairs-boundary", "during-checkpoint-write"]
+TIMINGS = {"time_s", "tokens_per_s"}
 
 
-_backends = available_backends
+def _cases():
+    cases = [("cpu", name) for name in SCENARIOS]
+    return cases + [("mlx", name) for name in MLX_SCENARIOS if "mlx" in available_backends()]
 
 
-def _cmd(backend, out, resume=False):
-    base = [sys.executable, "-m", "redi", "train", "--backend", backend]
-    return base + (["--resume", str(out)] if resume else ARGS + ["--output", str(out)])
+@pytest.fixture(scope="module")
+def references(fork_runner, tmp_path_factory):
+    """One uninterrupted run per backend, shared by every scenario."""
+    done = {}
+
+    def get(backend):
+        if backend not in done:
+            out = tmp_path_factory.mktemp(f"ref-{backend}") / "run"
+            result = fork_runner.run(_train(backend, out))
+            assert result.returncode == 0, result.output
+            done[backend] = _result(out)
+        return done[backend]
+
+    return get
 
 
-def _env(**extra):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+def _train(backend, out):
+    return ["train", "--backend", backend, *ARGS, "--output", str(out)]
 
 
-def _lines(path):
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def _resume(out):
+    return ["train", "--resume", str(out)]
 
 
-def _kill_when(proc, ready, timeout=240):
-    t0 = time.time()
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before the kill point: {proc.stderr.read()}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("kill point never reached")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def _result(run):
+def _result(run: Path) -> dict:
     from safetensors.numpy import load_file
 
-    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return losses, load_file(str(run / "final" / "model.safetensors"))
+    def read(name):  # the run's own path written as RUN, so two run folders compare
+        return (run / name).read_text().replace(str(run), "RUN")
+
+    summary = json.loads(read("summary.json"))
+    summary.pop("wall_time_s")
+    return {
+        "metrics": [{k: v for k, v in json.loads(x).items() if k not in TIMINGS}
+                    for x in read("metrics.jsonl").splitlines()],
+        "weights": load_file(str(run / "final" / "model.safetensors")),
+        "data_report": json.loads(read("data_report.json")),
+        "summary": {k: v for k, v in summary.items() if k != "last"},  # "last" holds timings
+    }
 
 
-@pytest.fixture(scope="module", params=_backends())
-def reference(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    proc = subprocess.run(_cmd(request.param, out), env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return request.param, _result(out)
+def _leftovers(run: Path) -> list[str]:
+    return [p.name for folder in (run, run / "checkpoints") if folder.is_dir() for p in folder.iterdir()
+            if re.fullmatch(r"\..+\.(tmp|old)-\d+", p.name)]
 
 
-@pytest.mark.parametrize("point", ["mid-sft", "sft-pairs-boundary", "mid-pairs", "during-checkpoint-write"])
-def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, point):
-    backend, (ref_losses, ref_weights) = reference
+@pytest.mark.parametrize("backend,scenario", _cases())
+def test_sigkill_then_resume_is_bit_identical(fork_runner, references, tmp_path, backend, scenario):
+    reference = references(backend)
     run = tmp_path / "run"
-    metrics = run / "metrics.jsonl"
-    ckpts = run / "checkpoints"
-    env = _env(REDI_FAULT_CHECKPOINT_DELAY="2") if point == "during-checkpoint-write" else _env()
-    proc = subprocess.Popen(_cmd(backend, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ready = {
-        "mid-sft": lambda: _lines(metrics) >= 5,
-        "sft-pairs-boundary": lambda: (run / "sft_final").exists(),
-        "mid-pairs": lambda: _lines(metrics) >= 22,
-        "during-checkpoint-write": lambda: ckpts.exists() and any(p.name.startswith(".tmp-step-9") for p in ckpts.iterdir()),
-    }[point]
-    _kill_when(proc, ready)
-    if point == "during-checkpoint-write":
-        assert not (ckpts / "step-9").exists()  # the half-written folder is not a checkpoint
-    resumed = subprocess.run(_cmd(backend, run, resume=True), env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    losses, weights = _result(run)
-    assert losses == ref_losses  # no step repeated or skipped, bit-identical values
-    assert set(weights) == set(ref_weights)
-    assert all(np.array_equal(weights[k], ref_weights[k]) for k in weights)
-    assert len(list(ckpts.glob("step-*"))) <= 2  # --keep-last 2
+    for index, point in enumerate(SCENARIOS[scenario]):
+        killed = fork_runner.run(_resume(run) if index else _train(backend, run), REDI_KILL_AT=point)
+        assert killed.returncode == -9, f"{point} was never reached: {killed.output}"
+    if scenario == "config-first-write":
+        refused = fork_runner.run(_resume(run))
+        assert refused.returncode == 2 and "no config.yaml there" in refused.output
+        assert _leftovers(run) == [f".config.yaml.tmp-{_pid(run)}"]
+        finished = fork_runner.run(_train(backend, run))
+    else:
+        if scenario == "during-checkpoint-write":
+            assert not (run / "checkpoints" / "step-6").exists() and _leftovers(run)  # never picked as a checkpoint
+        finished = fork_runner.run(_resume(run))
+    assert finished.returncode == 0, finished.output
+    assert _leftovers(run) == []  # a killed write's temporaries are removed
+    result = _result(run)
+    assert result["metrics"] == reference["metrics"]  # no step repeated or skipped, bit-identical values
+    assert result["data_report"] == reference["data_report"]  # both stages' sections, after any resume
+    assert result["summary"] == reference["summary"]
+    weights, ref_weights = result["weights"], reference["weights"]
+    assert set(weights) == set(ref_weights) and all(np.array_equal(weights[k], ref_weights[k]) for k in weights)
+    assert len(list((run / "checkpoints").glob("step-*"))) <= 2  # --keep-last 2
+
+
+def _pid(run: Path) -> str:
+    return next(p.name for p in run.iterdir() if p.name.startswith(".config.yaml.tmp-")).rsplit("-", 1)[1]
+
+
+def test_every_named_write_point_has_a_kill_scenario():
+    """Each kill point in the training code is listed in WRITE_POINTS, and each is killed by a scenario above."""
+    sources = [ROOT / "redi" / "config.py", *sorted((ROOT / "redi" / "training").glob("*.py"))]
+    named = {m for path in sources for m in re.findall(r'(?:kill_point\(|point=)"([a-z-]+)"', path.read_text())}
+    assert named == set(WRITE_POINTS)
+    killed = {point.split("@")[0] for points in SCENARIOS.values() for point in points}
+    assert killed == set(WRITE_POINTS)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redi.atomic import recover_jsonl
 from redi.errors import UserError
 
 EVAL_PROMPT = (
@@ -160,6 +161,7 @@ def render_prompt(tokenizer: Any, problem: str, s: EvalSettings) -> str:
 def _done(samples_path: Path) -> set[tuple[str, str, int]]:
     if not samples_path.exists():
         return set()
+    recover_jsonl(samples_path)  # a kill mid-line: that sample is generated again
     done = set()
     for line in samples_path.read_text().splitlines():
         if line.strip():

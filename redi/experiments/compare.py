@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from redi.atomic import write_text_atomic
 from redi.config import OBJECTIVE_KEYS, Config, apply_mapping, continued_sft_config, load_config, validate
 from redi.errors import UserError
 from redi.recipes import resolve_recipe
@@ -278,7 +279,7 @@ def run_arm(cc: CompareConfig, arm: Arm, seed: int, sft_model: str, data: str, o
         "collapse": bool(collapse_steps), "first_collapse_step": collapse_steps[0] if collapse_steps else None,
         "wall_time_s": round(time.time() - t0 + (previous or {}).get("wall_time_s", 0.0), 1), "eval_key": key,
     }
-    done.write_text(json.dumps(result, indent=2))
+    write_text_atomic(done, json.dumps(result, indent=2))  # its presence marks the arm done
     return result
 
 

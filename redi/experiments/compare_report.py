@@ -13,6 +13,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from redi.atomic import write_text_atomic
 from redi.experiments.compare import (CompareConfig, benchmarks_of, load_compare_config, make_evaluator, run_arm,
                                       start_models)
 from redi.experiments.plots import plot_metric
@@ -119,8 +120,8 @@ def write_tables(out: Path, rows: list[dict], results: dict, cc: CompareConfig, 
             lines.append(f"| {r['arm']} | " + " | ".join(_cell(r[f'peak_{b}'], arm.paper.get(b)) for b in benches) + " |")
     lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in
                                       ("accuracy.png", "chosen_logps.png", "rejected_logps.png", "update_norm.png"))]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    (out / "compare.json").write_text(json.dumps({"results": results, "starts": start_evals}, indent=2))
+    write_text_atomic(out / "compare.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "compare.json", json.dumps({"results": results, "starts": start_evals}, indent=2))
 
 
 def _cell(run_pct, paper) -> str:
@@ -212,7 +213,7 @@ def run_compare(config: Path, output: Path, backend: str = "", seeds: int | None
         done = cache / f"eval-{getattr(evaluate, 'key', 'default')}.json"
         if not done.exists():
             cache.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps(evaluate(Path(model), cache)))
+            write_text_atomic(done, json.dumps(evaluate(Path(model), cache)))
         start_evals[name] = json.loads(done.read_text())
     results: dict[str, list[dict]] = {}
     for arm in cc.arms:

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from redi.atomic import write_text_atomic
 from redi.training.api import load_tokenizer, train
 from redi.backend import make_backend
 from redi.config import Config, continued_sft_config, load_config
@@ -196,7 +197,7 @@ def run_demo(cfg: Config, *, console: Console | None = None) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timing["cpu_s"] = usage.ru_utime + usage.ru_stime  # the process's CPU time: a load-independent cost
     summary = build_summary(cfg, main_summary, info, results, records, settings, len(problems), plots, timing)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_report(console, summary, results, problems, data_dir, cfg)
     return summary
 

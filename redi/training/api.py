@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redi.atomic import recover_jsonl, remove_stale, write_text_atomic
 from redi.backend import Backend, backend_options, make_backend, model_edits
 from redi.builtin import materialise_data, materialise_model
-from redi.config import Config, dump, objective_line, to_dict, validate
+from redi.config import Config, dump, objective_line, resolved_dict, to_dict, validate
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
 from redi.hub import locate
@@ -25,10 +26,11 @@ from redi.training import checkpoint as ckpt
 from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
 from redi.training.preflight import (check_inputs, finish_dry_run, model_warnings, no_trace_on_error, stage_line,
-                                     stage_warnings)
+                                     stage_warnings, warn)
 from redi.training.ranks import NoWriter, on_main, save_on_main
 from redi.training.report_to import MetricsSink, open_sinks
-from redi.training.run_folder import check_disk_room, check_writable, config_drift, resume_point
+from redi.training.run_folder import (check_disk_room, check_writable, config_drift, finished_summary,
+                                      resume_point)
 
 
 def load_tokenizer(model_path: str):
@@ -58,20 +60,26 @@ def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder:
         objective = make_objective(cfg.objective, **cfg.objective_params())
     if not examples:
         raise UserError(f"no usable {stage} rows in {source} ({report.rows} read, dropped: {report.dropped or 'none'})")
-    _shrink_to_data(settings, len(examples))
+    shrunk = _shrink_to_data(stage, settings, len(examples))
     run = StageRun(stage, settings, examples, objective, cfg.seed)
     run.report = report.to_dict()  # type: ignore[attr-defined]
+    run.shrunk = shrunk  # type: ignore[attr-defined]
     return run
 
 
-def _shrink_to_data(settings, n_examples: int) -> None:
+def _shrink_to_data(stage: str, settings, n_examples: int) -> str | None:
     """A batch larger than the data is the data (what the step plan trains anyway); config.yaml records it.
-    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid."""
+    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid. Returns
+    the warning that says so (None when nothing changed)."""
     if n_examples >= settings.batch_size:
-        return
+        return None
+    batch, micro = settings.batch_size, settings.micro_batch_size
     settings.batch_size = n_examples
-    settings.micro_batch_size = max(d for d in range(1, min(settings.micro_batch_size, n_examples) + 1)
-                                    if n_examples % d == 0)
+    settings.micro_batch_size = max(d for d in range(1, min(micro, n_examples) + 1) if n_examples % d == 0)
+    change = f"batch_size {batch} -> {n_examples}"
+    if settings.micro_batch_size != micro:
+        change += f", micro_batch_size {micro} -> {settings.micro_batch_size} (it must divide {n_examples})"
+    return f"{stage}: only {n_examples:,} rows for batch_size {batch:,}: {change}; every step is a whole epoch"
 
 
 def _guards(cfg: Config, stage: str, run: StageRun, previous: list[dict]) -> Guards:
@@ -132,20 +140,29 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False, backend: Ba
         with make_progress(cfg.log_every) if session.main else contextlib.nullcontext(None) as progress:
             for index, stage in enumerate(session.stages):
                 _train_stage(session, index, stage, progress)
-        save_on_main(session.backend, session.run_dir / "final", session.backend.save_model)
+        save_on_main(session.backend, session.run_dir / "final", session.backend.save_model, point="final")
     finally:
         session.writer.close()
     return _summarise(session, time.time() - started)
 
 
 def _resume_check(cfg: Config, run_dir: Path, force: bool) -> dict | None:
-    """Refuse a changed config (unless ``force``); a finished run's summary, when there is nothing to do."""
-    drift = config_drift(run_dir, cfg)
+    """Refuse a config that differs from the one the run was trained with (a flag, --set or a hand edit of
+    config.yaml; ``force`` accepts it), and any change to a finished run, which is never extended: every
+    step's learning rate depends on the step count, so steps already taken would not match a longer run.
+    A finished run's summary when there is nothing to do."""
+    read_metrics(run_dir / "metrics.jsonl")  # a damaged line is named before any data is loaded
+    summary = finished_summary(run_dir)
+    drift = config_drift(run_dir, cfg, summary)
+    if drift and summary is not None:
+        raise UserError(f"--resume {run_dir}: the run already finished ({summary['steps']} steps) and is not retrained "
+                        f"or extended, so the changed {', '.join(drift)} cannot apply (the learning-rate schedule of "
+                        f"every step depends on the step count); start a new run: redi train --config "
+                        f"{run_dir / 'config.yaml'} --output NEW_RUN with the changes")
     if drift and not force:
         raise UserError(f"--resume {run_dir}: the config differs from the run's in: {', '.join(drift)} (--force to resume anyway)")
-    if not ((run_dir / "summary.json").exists() and (run_dir / "final").is_dir()):
+    if summary is None:
         return None
-    summary = json.loads((run_dir / "summary.json").read_text())
     print(f"{run_dir} already finished ({summary['steps']} steps); nothing to do")
     return {**summary, "already_finished": True}
 
@@ -158,11 +175,14 @@ def _prepare(cfg: Config, resume: bool, backend: Backend | None) -> _Session:
     main = backend.rank == 0 if backend is not None else os.environ.get("RANK", "0") == "0"
     if main:
         check_writable(run_dir)
+        _remove_stale(run_dir)
     stages = _stages(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     state: dict = {}
     if resume:
         state = resume_point(run_dir, len(stages) == 2)
+        for note in ckpt.latest_intact(run_dir)[1] if main else []:
+            warn(f"checkpoint {note}; resuming from the previous intact state")
     elif metrics_path.exists() and read_metrics(metrics_path):
         raise UserError(f"output folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
     backend = backend or make_backend(cfg.backend, cfg.seed, **backend_options(cfg, cfg.backend))
@@ -177,8 +197,16 @@ def _prepare(cfg: Config, resume: bool, backend: Backend | None) -> _Session:
         model_warnings(cfg, model_path, list(runs))
         for stage, run in runs.items():
             print(stage_line(stage, run.report, run.plan(), run.settings))  # type: ignore[attr-defined]
-            stage_warnings(stage, run.report, run.settings)  # type: ignore[attr-defined]
+            stage_warnings(stage, run.report, run.settings, run.shrunk)  # type: ignore[attr-defined]
     return _Session(cfg, run_dir, stages, state, backend, model_path, data, encoder, runs)
+
+
+def _remove_stale(run_dir: Path) -> None:
+    """What a killed process left of its atomic writes: a checkpoint never renamed (full size), temporaries."""
+    stale = remove_stale(run_dir) + remove_stale(run_dir / "checkpoints")
+    if stale:
+        print(f"removed {len(stale)} unfinished write{'s' if len(stale) > 1 else ''} of a killed run: "
+              f"{', '.join(p.name for p in stale)}")
 
 
 def _stage_done(stage: str, state: dict) -> bool:
@@ -187,15 +215,19 @@ def _stage_done(stage: str, state: dict) -> bool:
 
 
 def _open_run(session: _Session) -> None:
-    """Write config.yaml, rewind metrics.jsonl to the resume point, open the metrics sinks."""
+    """Write config.yaml, rewind metrics.jsonl to the resume point, open the metrics sinks. A resumed run keeps
+    the data reports of the stages it does not redo."""
     cfg, run_dir, state, backend = session.cfg, session.run_dir, session.state, session.backend
     metrics_path = run_dir / "metrics.jsonl"
     if session.main:
         dump(cfg, run_dir / "config.yaml", backend.name)
+        recover_jsonl(metrics_path)
         if state:
             truncate_metrics(metrics_path, state["global_step"])
         elif metrics_path.exists():
             metrics_path.unlink()
+    if state and (run_dir / "data_report.json").is_file():
+        session.reports = json.loads((run_dir / "data_report.json").read_text())
     on_main(backend, lambda: None)  # a barrier: the other ranks read metrics.jsonl after rank 0 rewrote it
     session.previous = read_metrics(metrics_path)
     session.writer = open_sinks(MetricsWriter(metrics_path), run_dir, cfg.report_to, project=cfg.wandb_project,
@@ -213,8 +245,7 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
     run = session.runs[stage]
     session.reports[stage] = run.report  # type: ignore[attr-defined]
     if session.main:
-        (run_dir / "data_report.json").write_text(json.dumps(session.reports, indent=2))
-        dump(cfg, run_dir / "config.yaml", backend.name)  # batch sizes after any shrink to the data
+        write_text_atomic(run_dir / "data_report.json", json.dumps(session.reports, indent=2), point="data-report")
     two_stage_second = stage == "pairs" and len(session.stages) == 2
     backend.load(str(run_dir / "sft_final") if two_stage_second else session.model_path,
                  precision=cfg.precision, lm_head_chunk=cfg.lm_head_chunk, **model_edits(cfg))
@@ -233,13 +264,15 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
         run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,
                                         run_dir / "reference_logps.npy", progress)
 
+    sealed = resolved_dict(cfg, backend.name)  # what --resume compares a later config with
+
     def save_checkpoint(folder: Path, st: dict) -> None:
         def write(tmp: str | None) -> None:
             backend.save_checkpoint(tmp)  # collective under multi-process; rank 0 writes
             if tmp:
-                ckpt.write_state(Path(tmp), st)
+                ckpt.write_state(Path(tmp), {**st, "config": sealed})
 
-        save_on_main(backend, folder, write)
+        save_on_main(backend, folder, write, point="checkpoint")
 
     session.global_step = run_stage(run, backend, run_dir, session.writer, global_step=session.global_step,
                                     start_step=start_step, save_every=cfg.save_every, keep_last=cfg.keep_last,
@@ -249,9 +282,9 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
         def write_sft(tmp: str | None, step: int = session.global_step) -> None:
             backend.save_model(tmp)
             if tmp:
-                Path(tmp, "redi_stage.json").write_text(json.dumps({"global_step": step}))
+                write_text_atomic(Path(tmp, "redi_stage.json"), json.dumps({"global_step": step, "config": sealed}))
 
-        save_on_main(backend, run_dir / "sft_final", write_sft)
+        save_on_main(backend, run_dir / "sft_final", write_sft, point="sft-final")
 
 
 def _summarise(session: _Session, wall_time_s: float) -> dict:
@@ -273,7 +306,8 @@ def _summarise(session: _Session, wall_time_s: float) -> dict:
         "nonfinite_steps_skipped": [r["global_step"] for r in records if r.get("nonfinite_skipped")],
         "collapse_warnings": [r["global_step"] for r in records if r.get("collapse_warning")],
         "last": {st: next((r for r in reversed(records) if r["stage"] == st), None) for st in stages},
+        "config": resolved_dict(cfg, session.backend.name),  # sealed: --resume compares a later config with it
     }
     if session.main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2), point="summary")
     return summary

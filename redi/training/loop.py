@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 from rich.progress import Progress
 
+from redi.atomic import temporary_name
 from redi.backend import Backend, MicroBatch
 from redi.config import StageConfig
 from redi.data import TokenizedPair, TokenizedSeq
@@ -75,8 +76,9 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_b
         if progress:
             progress.advance(task, len(idx))
     if backend.rank == 0:  # every rank computed the same values; one writes them
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, ref)
+        tmp = temporary_name(cache)  # a kill leaves no cut cache; the next start removes the temporary
+        with open(tmp, "wb") as fh:
+            np.save(fh, ref)
         tmp.rename(cache)
     return ref
 

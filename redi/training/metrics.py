@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from redi.atomic import kill_point, write_text_atomic
+from redi.errors import UserError
 from redi.objectives import NumpyOps, Objective, PairStats, sft_loss
 
 
@@ -51,18 +53,31 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.fh.write(json.dumps(clean) + "\n")
         self.fh.flush()
+        kill_point("metrics-append")  # between steps: the resume tests' "killed mid-stage"
 
     def close(self) -> None:
         self.fh.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """Every record; a half-written last line (a kill mid-append, cut off on resume) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise UserError(f"{path} line {number}: not a JSON record; the run folder was changed by hand or "
+                            f"damaged") from None
+    return records
 
 
 def truncate_metrics(path: Path, last_global_step: int) -> None:
     """Keep only records up to ``last_global_step`` (resume rewinds to the checkpoint's step)."""
     kept = [r for r in read_metrics(path) if r.get("global_step", 0) <= last_global_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept), point="metrics-rewind")

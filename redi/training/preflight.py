@@ -82,11 +82,11 @@ def stage_line(stage: str, report: dict, plan, settings) -> str:
     return line
 
 
-def stage_warnings(stage: str, report: dict, settings) -> None:
+def stage_warnings(stage: str, report: dict, settings, shrunk: str | None = None) -> None:
+    """``shrunk``: the batch sizes were cut to the data (training.api._shrink_to_data says how)."""
     kept, batch = report["kept"], settings.batch_size
-    if kept < batch:
-        warn(f"{stage}: only {kept:,} rows for batch_size {batch:,}: each step uses all {kept:,} (the batch "
-             f"was shrunk to fit) and every step is a whole epoch")
+    if shrunk:
+        warn(shrunk)
     elif kept < 2 * batch:
         warn(f"{stage}: {kept:,} rows and batch_size {batch:,}: every step is a whole epoch "
              f"({kept - batch:,} rows left out of each epoch)")

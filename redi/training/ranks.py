@@ -20,12 +20,12 @@ def on_main(backend: Backend, fn: Callable[[], Any]) -> Any:
     return backend.all_gather_object(fn() if backend.rank == 0 else None)[0]
 
 
-def save_on_main(backend: Backend, folder: Path, write: Callable[[str | None], None]) -> None:
+def save_on_main(backend: Backend, folder: Path, write: Callable[[str | None], None], point: str | None = None) -> None:
     """An atomic folder written by rank 0 through ``write(tmp_path)``; the other ranks call ``write(None)`` (they
     take part in gathering the weights) and wait until the folder is in place (stage 2 loads sft_final/ right
-    after)."""
+    after). ``point``: the kill point before the folder's rename (redi.atomic)."""
     if backend.rank == 0:
-        ckpt.atomic_dir(folder, lambda tmp: write(str(tmp)))
+        ckpt.atomic_dir(folder, lambda tmp: write(str(tmp)), point)
     else:
         write(None)
     on_main(backend, lambda: None)

@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from redi.training import checkpoint as ckpt
-from redi.config import Config, load_config, resolved_dict, validate
+from redi.training.metrics import read_metrics
+from redi.config import Config, apply_mapping, resolved_dict, validate
 from redi.errors import UserError
 
 # Keys that may differ on --resume without changing what is computed.
@@ -16,6 +17,13 @@ RESUME_FREE_KEYS = {"output", "backend", "save_every", "keep_last", "log_every",
                     "report_to", "wandb_project", "wandb_run_name",
                     # the collapse alarm only flags steps (it stops a run only with stop_on_collapse)
                     "collapse_window", "collapse_drop", "collapse_ratio", "collapse_growth", "collapse_severe_drop"}
+
+# Every named kill point of a training run (redi.atomic.kill_point), one per write that a kill could cut:
+# config.yaml, metrics.jsonl (each appended step, and the rewind on resume), data_report.json, a checkpoint
+# folder (trainer_state.json inside), sft_final/ (redi_stage.json inside), final/, summary.json.
+# tests/test_resume_kill.py kills a run at each one, resumes it, and compares with an uninterrupted run.
+WRITE_POINTS = ("config", "metrics-append", "metrics-rewind", "data-report", "checkpoint", "sft-final", "final",
+                "summary")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -55,29 +63,77 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_drift(run_dir: Path, cfg: Config) -> list[str]:
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
+def check_run_config(run_dir: Path) -> Path:
+    """RUN/config.yaml for ``--resume``: present, and a mapping of keys. An empty file would read as "all
+    defaults" and train on them (a file cut by a kill mid-write, before writes were atomic)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: no config.yaml there; not a redi run folder")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict) or not data:
+        what = "empty" if not path.read_text().strip() else "not a mapping of keys"
+        raise UserError(f"--resume {run_dir}: {path} is {what}; restore it, or pass the run's recipe with "
+                        f"--config RECIPE --resume {run_dir} (checked against the config the run was trained with)")
+    return path
+
+
+def finished_summary(run_dir: Path) -> dict | None:
+    """summary.json of a run that finished (it and final/ are written last), else None."""
+    summary = run_dir / "summary.json"
+    if not (summary.is_file() and (run_dir / "final").is_dir()):
+        return None
+    try:  # unreadable only if written before summary.json was atomic: then the run resumes and rewrites it
+        data = json.loads(summary.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def sealed_config(run_dir: Path, two_stages: bool, summary: dict | None) -> dict | None:
+    """The resolved config the run's newest state was trained with, as sealed beside that state: summary.json
+    for a finished run, else the resume point's trainer_state.json or sft_final/redi_stage.json. None when
+    there is no state (a resume starts over) or it predates the seal."""
+    if summary is not None:
+        return summary.get("config")
+    return resume_point(run_dir, two_stages).get("config")
+
+
+def config_drift(run_dir: Path, cfg: Config, summary: dict | None = None) -> list[str]:
+    """Keys (dotted) whose value differs from the sealed config; a hand edit of config.yaml counts. A run folder
+    from before the seal compares with its config.yaml."""
+    sealed = sealed_config(run_dir, cfg.stage == "both", summary)
+    path = run_dir / "config.yaml"
+    if sealed is None and not path.exists():
         return []
-    try:  # resolved like the run's own config, so a folder written before resolution (beta: 0.0) compares equal
-        saved = flatten(resolved_dict(validate(load_config(saved_path))))
-    except UserError:  # keys this version does not know: compare the file as written
-        saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = flatten(resolved_dict(cfg))
+    raw = sealed if sealed is not None else yaml.safe_load(path.read_text())
+    raw = raw if isinstance(raw, dict) else {}
+    try:  # resolved again by this version: keys it added (at their defaults), or a folder written before
+        saved = flatten(_plain(resolved_dict(validate(apply_mapping(Config(), raw, str(path))))))  # resolution
+    except UserError:  # keys this version does not know: compare the record as written
+        saved = flatten(_plain(raw))
+    now = flatten(_plain(resolved_dict(cfg)))
     return sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
 
 
+def _plain(data: dict) -> dict:
+    """As JSON holds it (tuples become lists), so a sealed record and a live config compare equal."""
+    return json.loads(json.dumps(data))
+
+
 def resume_point(run_dir: Path, two_stages: bool) -> dict:
-    """The newest complete state: a checkpoint, or the end of stage 1 when sft_final/ is newer."""
-    last = ckpt.latest_checkpoint(run_dir)
+    """The newest complete state: an intact checkpoint, or the end of stage 1 when sft_final/ is newer."""
+    last, _ = ckpt.latest_intact(run_dir)
     state = ckpt.read_state(last) if last else {}
     if state:
         state["checkpoint"] = str(last)
     marker = run_dir / "sft_final" / "redi_stage.json"
     if two_stages and marker.exists():
-        sft_end = json.loads(marker.read_text())["global_step"]
-        if state.get("stage") != "pairs" or state.get("global_step", 0) < sft_end:
-            state = {"stage": "sft", "complete": True, "global_step": sft_end}
+        sft = json.loads(marker.read_text())
+        if state.get("stage") != "pairs" or state.get("global_step", 0) < sft["global_step"]:
+            state = {"stage": "sft", "complete": True, "global_step": sft["global_step"], "config": sft.get("config")}
     return state
 
 
@@ -85,8 +141,8 @@ def stopped_note(run_dir: Path) -> str:
     """Where an interrupted run stopped and what `--resume` will pick up, in one line."""
     if not run_dir.is_dir():
         return f"stopped before training started; nothing was written to {run_dir}"
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    last = json.loads(lines[-1]) if lines else None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    last = records[-1] if records else None
     where = f"after {last['stage']} step {last['step']} (global step {last['global_step']})" if last else "before the first step"
     point = resume_point(run_dir, (run_dir / "sft_final").exists())
     if point.get("checkpoint"):
