@@ -41,9 +41,9 @@ class RecordingModel:
         return self.model(ids, cache=cache)
 
 
-def _run(model, temperature: float, seed: int = 0, **kw) -> list[list[int]]:
+def _run(model, temperature: float, seed: int = 0, top_p: float = 0.9, **kw) -> list[list[int]]:
     flat = [p for p in PROMPTS for _ in range(N)]  # prompt-major, as NativeEngine passes the n samples
-    return mlx_generate.generate_batch(model, flat, max_new_tokens=10, temperature=temperature, top_p=0.9,
+    return mlx_generate.generate_batch(model, flat, max_new_tokens=10, temperature=temperature, top_p=top_p,
                                        key=mx.random.key(seed), eos_id=-1, **kw)
 
 
@@ -51,9 +51,12 @@ def test_equal_prompts_are_prefilled_once(backend):
     shared, unshared = RecordingModel(backend.model), RecordingModel(backend.model)
     _run(shared, 1.0)
     _run(unshared, 1.0, share_prefill=False)
-    assert shared.shapes[0] == (len(PROMPTS), 6)  # one row per distinct prompt, padded to the longest
-    assert unshared.shapes[0] == (len(PROMPTS) * N, 6)
-    assert all(shape == (len(PROMPTS) * N, 1) for shape in shared.shapes[1:])  # every sample decodes its own row
+    # Prefill: one call per prompt, all but its last token (the first decode step feeds that one).
+    prefills = [(1, len(p) - 1) for p in PROMPTS]
+    assert shared.shapes[:len(PROMPTS)] == prefills
+    assert unshared.shapes[:len(PROMPTS) * N] == [shape for shape in prefills for _ in range(N)]
+    # Then every sample decodes its own row: 10 tokens, and one step queued before the last tokens were read.
+    assert shared.shapes[len(PROMPTS):] == [(len(PROMPTS) * N, 1)] * 11
 
 
 def test_greedy_samples_are_each_the_prompt_generated_alone(backend, tiny_model_dir, tiny_tokenizer):
@@ -101,3 +104,20 @@ def test_nucleus_is_the_full_sort_nucleus(monkeypatch, flat_row):
     assert mx.array_equal(got > 0, want > 0).item()  # the same tokens are drawable
     kept = mx.sum(want > 0, axis=-1).tolist()
     assert all(2 < k < 16 for k in kept[:3]) and (not flat_row or kept[3] > 400), kept
+
+
+@pytest.mark.parametrize("batch_size", [64, 5], ids=["one-batch", "refilled"])
+def test_a_step_whose_candidates_fall_short_is_undone_and_redrawn(backend, monkeypatch, batch_size):
+    """The decode loop queues step t+1 before it reads step t's check. With 4 candidates and top_p 0.999 every
+    step's candidates fall short: each step's cache write must be undone and the step redrawn from the whole
+    vocabulary, giving exactly the run that never used candidates (the same keys, rows and draws), also while
+    rows stop at different steps and their slots are refilled."""
+    stops = dict(stop_ids=[i for i in range(0, 400, 3)], batch_size=batch_size)  # rows stop at different steps
+    without, with_short = RecordingModel(backend.model), RecordingModel(backend.model)
+    monkeypatch.setattr(mlx_generate, "NUCLEUS_CANDIDATES", 10**9)
+    want = _run(without, 1.0, seed=5, top_p=0.999, **stops)
+    monkeypatch.setattr(mlx_generate, "NUCLEUS_CANDIDATES", 4)
+    got = _run(with_short, 1.0, seed=5, top_p=0.999, **stops)
+    assert len({len(ids) for ids in want}) > 2, "rows must stop at different steps"
+    assert len(with_short.shapes) > len(without.shapes)  # the redraws ran: one more decode call per step
+    assert got == want
