@@ -102,6 +102,41 @@ def test_native_engine_n_samples_are_prompt_major(cpu_backend, tiny_tokenizer, t
         assert all(c.text == tiny_tokenizer.decode(alone, skip_special_tokens=True) for c in row)
 
 
+def _samples_of(backend, seed: int, monkeypatch=None, share_prefill: bool = True) -> tuple[list, list]:
+    """(outputs, the batch shape of each forward) for 3 prompts x 4 samples, prompt-major, at T = 1."""
+    import functools
+
+    from redi.backends.torch_cuda import backend as torch_backend
+    from redi.backends.torch_cuda.generate import generate as generate_rows
+
+    if not share_prefill:
+        monkeypatch.setattr(torch_backend, "generate_rows", functools.partial(generate_rows, share_prefill=False))
+    shapes = []
+    hook = backend.model.register_forward_hook(lambda _m, args, kwargs, _out: shapes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        flat = [p for p in PROMPTS[:3] for _ in range(4)]
+        out = backend.generate(flat, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=seed, eos_id=0)
+    finally:
+        hook.remove()
+    return out, shapes
+
+
+def test_torch_engine_prefills_equal_prompts_once_and_draws_the_unshared_samples(cpu_backend, monkeypatch):
+    """The n samples of a prompt share its prefill: one prefill row per distinct prompt, and the same draws as
+    a prefill of every row with the same seed (the rows are copied before anything is drawn)."""
+    shared, shapes = _samples_of(cpu_backend, seed=3)
+    assert shapes[0] == (3, 6)  # 3 distinct prompts, the longest has 6 tokens; then decode steps
+    assert all(width == 1 for _, width in shapes[1:])
+    unshared, unshared_shapes = _samples_of(cpu_backend, 3, monkeypatch, share_prefill=False)
+    assert unshared_shapes[0] == (12, 6)
+    assert shared == unshared
+    assert shared == _samples_of(cpu_backend, seed=3)[0]
+    assert shared != _samples_of(cpu_backend, seed=4)[0]
+    for i in range(3):  # T > 0: the samples of one prompt are not copies of each other
+        assert len({tuple(s) for s in shared[i * 4:(i + 1) * 4]}) == 4
+
+
 def test_unknown_engine_is_a_user_error(tiny_model_dir):
     from redi.errors import UserError
 

@@ -2,8 +2,8 @@
 
 A plain loop over a KV cache, deterministic under our own ``torch.Generator`` (HF generate draws from the
 global RNG). Rows are left-padded; a row's positions count from its first real token. Each iteration either
-admits waiting prompts into free slots (one prefill of the newcomers, whose cache is then left-padded to the
-running rows' width and concatenated) or decodes one token for every running row. A row leaves as soon as it
+admits waiting prompts into free slots (one prefill of the newcomers, equal prompts once, whose cache is then
+left-padded to the running rows' width and concatenated) or decodes one token for every running row. A row leaves as soon as it
 samples a stop id or reaches ``max_new_tokens``, so one long straggler no longer holds a batch of short
 answers: its slots keep working on the queue. Cache columns that no running row attends to any more (the
 padding of rows that left) are dropped, so the cache is as wide as the longest live row, not the whole run.
@@ -45,6 +45,26 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _left_padded(prompts: list[list[int]], pad_id: int, device,
+                 share: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input ids, attention mask) of the prompts to prefill, left-padded, and with ``share`` the row of each
+    prompt among them (None when every prompt is prefilled): equal prompts are prefilled once."""
+    copies = None
+    if share:
+        distinct: dict[tuple[int, ...], int] = {}
+        index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        if len(distinct) < len(prompts):
+            prompts = [list(p) for p in distinct]
+            copies = torch.tensor(index, dtype=torch.long, device=device)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, device=device)
+        attn[r, width - len(p):] = 1
+    return ids, attn, copies
+
+
 class _Rows:
     """The running rows: their request ids, tokens so far, attention mask and per-layer (keys, values)."""
 
@@ -79,7 +99,11 @@ class _Rows:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
              gen: torch.Generator, stop_ids: set[int], pad_id: int, batch_size: int, device,
-             autocast: Callable[[], AbstractContextManager], cache_kwarg: str) -> list[list[int]]:
+             autocast: Callable[[], AbstractContextManager], cache_kwarg: str,
+             share_prefill: bool = True) -> list[list[int]]:
+    """Equal prompts admitted together (the n samples of one prompt) are prefilled once (``_left_padded``) and
+    their rows copied before the first draw, so the rows, their order and the draws are those of a prefill of
+    every row; ``share_prefill=False`` prefills every row, for tests."""
     from transformers import DynamicCache
 
     queue, rows = deque(range(len(prompts))), _Rows(device)
@@ -88,12 +112,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
     while queue or rows.ids:
         if queue and len(rows.ids) < batch_size:
             admit = [queue.popleft() for _ in range(min(batch_size - len(rows.ids), len(queue)))]
-            width = max(len(prompts[i]) for i in admit)
-            ids = torch.full((len(admit), width), pad_id, dtype=torch.long, device=device)
-            attn = torch.zeros((len(admit), width), dtype=torch.long, device=device)
-            for r, i in enumerate(admit):
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], device=device)
-                attn[r, width - len(prompts[i]):] = 1
+            ids, attn, copies = _left_padded([prompts[i] for i in admit], pad_id, device, share_prefill)
             cache, step_ids, feed = DynamicCache(), ids, None
         else:
             rows.attn = torch.cat([rows.attn, torch.ones_like(rows.attn[:, :1])], dim=1)
@@ -103,6 +122,10 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
         with autocast():
             logits = model(input_ids=step_ids, attention_mask=attn, position_ids=position, use_cache=True,
                            **{cache_kwarg: cache}).logits[:, -1].float()
+        if not feed:
+            kv = _layers(cache)
+            if copies is not None:  # one row per admitted prompt again, before anything is drawn
+                logits, attn, kv = logits[copies], attn[copies], [(k[copies], v[copies]) for k, v in kv]
         nxt = sample_next(logits, temperature, top_p, gen)
         if feed:
             rows.kv = _layers(cache)
@@ -110,7 +133,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
         else:
             # Running rows keep their pending token (appended when it was drawn); only newcomers drew one now.
             fresh = len(rows.ids)
-            rows.add(admit, attn, _layers(cache))
+            rows.add(admit, attn, kv)
             last = torch.cat([last, nxt])
         keep = record_drawn(last.tolist(), rows.ids, rows.tokens, fresh, stop_ids, max_new_tokens, outputs)
         if len(keep) < len(rows.ids):
