@@ -105,6 +105,11 @@ class Backend(Protocol):
         takes the next prompt); a row ends at ``eos_id``, any of ``stop_ids`` (included in its output) or
         ``max_new_tokens``."""
 
+    def micro_batch_token_budget(self, longest: int) -> int:
+        """``micro_batch_tokens: auto`` (after ``load`` and ``init_optimizer``): the most tokens one micro-batch
+        may hold, rows of up to ``longest`` tokens, so that its activations fit in the memory this backend has
+        free, with the layers ``activation_checkpointing`` fixes (auto: none) recomputed."""
+
     def num_parameters(self) -> int:
         """Parameter count of the loaded model."""
 

@@ -27,7 +27,8 @@ from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
 from redi.backends.torch_cuda.logprobs import full_token_logps, token_logps  # noqa: E402
 from redi.backends.torch_cuda.optim import AdamWLowPrecisionState, step_with_norms  # noqa: E402
 from redi.backends.torch_cuda.distributed import Dist  # noqa: E402
-from redi.backends.torch_cuda.packing import block_structure, budget_groups, pack  # noqa: E402
+from redi.backends.torch_cuda.packing import block_structure, pack  # noqa: E402
+from redi.training.batching import token_groups  # noqa: E402
 from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
 from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
@@ -234,8 +235,8 @@ def test_checkpoint_plan_fits_budget():
     assert sum(m._redi_checkpoint for m in fake) == 2
 
 
-def test_budget_groups():
-    assert budget_groups([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+def test_token_groups():
+    assert token_groups([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
 
 
 def test_bf16_moment_adamw_tracks_torch_adamw_and_bucketed_update_norm():

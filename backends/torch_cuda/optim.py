@@ -16,7 +16,7 @@ import math
 import torch
 
 from redi.backends.torch_cuda.distributed import Dist, local
-from redi.backends.torch_cuda.packing import budget_groups
+from redi.training.batching import token_groups
 
 
 class AdamWLowPrecisionState(torch.optim.Optimizer):
@@ -84,7 +84,7 @@ def step_with_norms(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
     if bucket_numel is None:
         buckets = [live]
     else:
-        buckets = [[live[k] for k in g] for g in budget_groups([local(p).numel() for p in live], bucket_numel)]
+        buckets = [[live[k] for k in g] for g in token_groups([local(p).numel() for p in live], bucket_numel)]
     sq = torch.zeros((), dtype=torch.float64)
     for bucket in buckets:
         held = {}
