@@ -25,7 +25,7 @@ from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, 
                                                per_document_attention)
 from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
 from redi.backends.torch_cuda.logprobs import full_token_logps, token_logps  # noqa: E402
-from redi.backends.torch_cuda.optim import AdamWLowPrecisionState, step_with_norms  # noqa: E402
+from redi.backends.torch_cuda.optim import AdamWLowPrecisionState, grad_norm_and_clip, step_with_norms  # noqa: E402
 from redi.backends.torch_cuda.distributed import Dist  # noqa: E402
 from redi.backends.torch_cuda.packing import block_structure, pack  # noqa: E402
 from redi.training.batching import token_groups  # noqa: E402
@@ -265,6 +265,25 @@ def test_bf16_moment_adamw_tracks_torch_adamw_and_bucketed_update_norm():
     assert low.state[p]["exp_avg"].dtype == torch.bfloat16
     # The weights stay fp32: an update of 1e-6 on 0.02 survives (in bf16 it would round away).
     assert float((0.02 - p.detach()).mean()) == pytest.approx(1e-6, rel=1e-2)
+
+
+def test_unbucketed_update_norm_is_the_measured_change_and_grad_clip_skips_at_one():
+    """The CPU's path (bucket_numel None): the norm of (after - before), step after step with the buffer reused."""
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30))]
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, fused=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in params]
+        got = step_with_norms(opt, params, Dist("cpu"), bucket_numel=None)
+        want = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before))))
+        assert got == pytest.approx(want, rel=1e-6) and want > 0
+    grads = [p.grad.clone() for p in params]
+    norm = grad_norm_and_clip(params, 1e6, Dist("cpu"))  # far below the cap: gradients untouched
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    grad_norm_and_clip(params, 0.5 * float(norm), Dist("cpu"))
+    assert float(torch.sqrt(sum((p.grad ** 2).sum() for p in params))) == pytest.approx(0.5 * float(norm), rel=1e-5)
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
