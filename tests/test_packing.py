@@ -106,21 +106,40 @@ def test_packed_sequences_are_isolated(tiny_model_dir):
     assert abs(after[2] - before[2]) > 1e-3
 
 
-def test_chunked_head_equals_full_logits_values_and_grads():
+def _chunked_head_run(bias: bool):
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 300, bias=False)
+    head = torch.nn.Linear(16, 300, bias=bias)
     hidden = torch.randn(53, 16, requires_grad=True)
     targets = torch.randint(0, 300, (53,))
     weights = torch.randn(53)
     got = token_logps(hidden, head, targets, chunk=8)
     (got * weights).sum().backward()
-    g_h, g_w = hidden.grad.clone(), head.weight.grad.clone()
+    return head, hidden, targets, weights, got, hidden.grad.clone(), head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("keep_softmax", [True, False])
+def test_chunked_head_equals_full_logits_values_and_grads(keep_softmax, monkeypatch):
+    from redi.backends.torch_cuda import logprobs
+
+    if not keep_softmax:  # the long-row path: logits recomputed chunk by chunk in the backward
+        monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", 0)
+    head, hidden, targets, weights, got, g_h, g_w = _chunked_head_run(bias=False)
     hidden.grad = head.weight.grad = None
     want = full_token_logps(hidden, head, targets)
     (want * weights).sum().backward()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(g_h, hidden.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_w, head.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_softmax_gives_the_recomputed_gradient_bit_for_bit(monkeypatch):
+    from redi.backends.torch_cuda import logprobs
+
+    kept = _chunked_head_run(bias=True)
+    monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", 0)
+    recomputed = _chunked_head_run(bias=True)
+    for a, b in zip(kept[4:], recomputed[4:]):
+        assert torch.equal(a, b)
 
 
 def _plain_redi_grads(model_dir, batch):
@@ -338,7 +357,7 @@ def test_bf16_chunk_path_equals_bf16_full_logits():
     hidden = torch.randn(37, 16, requires_grad=True)
     targets = torch.randint(0, 300, (37,))
     weights = torch.randn(37)
-    got = _ChunkedTokenLogps.apply(hidden, w, None, targets, 8, torch.bfloat16)
+    got = _ChunkedTokenLogps.apply(hidden, w, None, targets, 8, torch.bfloat16, True)
     (got * weights).sum().backward()
     g_h, g_w = hidden.grad.clone(), w.grad.clone()
     hidden.grad = w.grad = None
