@@ -66,6 +66,7 @@ class Backend(Protocol):
     ops: ArrayOps  # the objectives' array functions on this backend's arrays
     rank: int  # this process's rank; 0 without multi-process training. Only rank 0 writes files.
     world_size: int  # number of training processes; 1 without multi-process training
+    pads_micro_batches: bool  # micro-batches run right-padded (not packed): their token budget counts the padding
 
     def load(self, model_path: str, *, precision: str, lm_head_chunk: int, model_config: dict | None = None) -> None:
         """Load an HF model folder as fp32 master weights; drops any optimizer. ``model_config``: edits to the

@@ -23,6 +23,7 @@ class ScriptedBackend:
     name = "scripted"
     ops = NumpyOps
     rank, world_size = 0, 1
+    pads_micro_batches = False
 
     def __init__(self, chosen, rejected, update, nan_steps=()):
         self.chosen, self.rejected, self.update = chosen, rejected, update

@@ -92,6 +92,12 @@ def test_micro_batches_respect_the_budget_and_the_row_cap():
     # greedy: a group closes only when the next row would not fit
     assert token_groups([5, 5, 5, 20, 1, 1], 10) == [[0, 1], [2], [3], [4, 5]]
     assert token_groups([5, 5, 5, 20, 1, 1], 0, 4) == [[0, 1, 2, 3], [4, 5]]
+    # right-padded rows cost count x longest: 2 x 6 = 12 > 11 closes the group that 2 + 6 = 8 would not
+    assert token_groups([2, 6, 6], 11) == [[0, 1], [2]]
+    assert token_groups([2, 6, 6], 11, padded=True) == [[0], [1], [2]]
+    padded_plan = StepPlan(40, 40, 0, 1.0, 0, 5, micro_batch_tokens=100, padded=True)
+    for b in padded_plan.micro_batches(0, examples):
+        assert len(b.indices) == 1 or len(b.seqs) * max(s.length for s in b.seqs) <= 100
     pair = TokenizedPair(examples[0], examples[1])
     assert example_tokens(pair) == examples[0].length + examples[1].length
 

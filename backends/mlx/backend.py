@@ -74,6 +74,7 @@ class MLXBackend:
         apply_options(self.options, options, "mlx")
         self.options.compile = self.options.compile == "true"  # auto: no gain measured on MLX yet
         self.rank, self.world_size = 0, 1  # one process: MLX has no multi-process training here
+        self.pads_micro_batches = True  # right-padded, 32-rounded batches (no packing on MLX)
         self.model: Any = None
         self.optimizer: AdamW | None = None
         self._grads: dict[str, mx.array] | None = None

@@ -103,6 +103,7 @@ class TorchBackend:
         self.seed = seed
         self.options = TorchOptions()
         apply_options(self.options, options, "torch")
+        self.pads_micro_batches = not self.options.packing
         if self.world_size > 1 and not self.options.packing:
             raise UserError("multi-process training needs packing=true")
         if self.dist.enabled and self.lora:  # enabled, not world_size: torchrun with one rank shards too

@@ -41,11 +41,12 @@ class StageRun:
     seed: int
     reference: np.ndarray | None = None  # [n_examples, 2] reference S (chosen, rejected) for DPO
     micro_batch_tokens: int = 0  # the settings' micro_batch_tokens with auto resolved (resolve_token_budget)
+    padded: bool = False  # the backend right-pads micro-batches (resolve_token_budget)
 
     def plan(self) -> StepPlan:
         s = self.settings
         return StepPlan(len(self.examples), s.batch_size, s.micro_batch_size, s.epochs, s.max_steps, self.seed,
-                        self.micro_batch_tokens)
+                        self.micro_batch_tokens, self.padded)
 
     def longest_sequence(self) -> int:
         return max(max(e.chosen.length, e.rejected.length) if isinstance(e, TokenizedPair) else e.length
@@ -58,7 +59,7 @@ def resolve_token_budget(run: StageRun, backend: Backend) -> int:
     value = micro_batch_tokens_value(run.settings.micro_batch_tokens, f"{run.name}.micro_batch_tokens")
     if value is None:
         value = min(backend.all_gather_object(backend.micro_batch_token_budget(run.longest_sequence())))
-    run.micro_batch_tokens = value
+    run.micro_batch_tokens, run.padded = value, backend.pads_micro_batches
     return value
 
 
@@ -84,7 +85,8 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], plan: S
             return ref
     ref = np.zeros((len(examples), 2))
     task = progress.add_task("reference log-probs", total=len(examples), info="") if progress else None
-    for group in token_groups([example_tokens(e) for e in examples], plan.micro_batch_tokens, plan.micro_batch_size):
+    sizes = [example_tokens(e, plan.padded) for e in examples]
+    for group in token_groups(sizes, plan.micro_batch_tokens, plan.micro_batch_size, plan.padded):
         idx = np.asarray(group)
         batch = MicroBatch([examples[i].chosen for i in idx] + [examples[i].rejected for i in idx], len(idx), 1.0, idx)
         stats = PairStats.from_halves(*backend.sequence_logps(batch))
