@@ -66,6 +66,7 @@ class Backend(Protocol):
     ops: ArrayOps  # the objectives' array functions on this backend's arrays
     rank: int  # this process's rank; 0 without multi-process training. Only rank 0 writes files.
     world_size: int  # number of training processes; 1 without multi-process training
+    pads_micro_batches: bool  # micro-batches run right-padded (not packed): their token budget counts the padding
 
     def load(self, model_path: str, *, precision: str, lm_head_chunk: int, model_config: dict | None = None) -> None:
         """Load an HF model folder as fp32 master weights; drops any optimizer. ``model_config``: edits to the
@@ -104,6 +105,11 @@ class Backend(Protocol):
         """Sample one completion per prompt, continuously batched over ``batch_size`` rows (a finished row
         takes the next prompt); a row ends at ``eos_id``, any of ``stop_ids`` (included in its output) or
         ``max_new_tokens``."""
+
+    def micro_batch_token_budget(self, longest: int) -> int:
+        """``micro_batch_tokens: auto`` (after ``load`` and ``init_optimizer``): the most tokens one micro-batch
+        may hold, rows of up to ``longest`` tokens, so that its activations fit in the memory this backend has
+        free, with the layers ``activation_checkpointing`` fixes (auto: none) recomputed."""
 
     def num_parameters(self) -> int:
         """Parameter count of the loaded model."""

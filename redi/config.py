@@ -19,7 +19,7 @@ import yaml
 from redi.atomic import write_text_atomic
 from redi.authors_keys import AUTHORS_ALIASES, AUTHORS_SWITCH, set_use_neg_weighting, switch_last
 from redi.errors import UserError
-from redi.layer_checkpointing import checkpointing_mode
+from redi.layer_checkpointing import checkpointing_mode, micro_batch_tokens_value
 from redi.lora import spec_from_config
 from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES, PAPER_DEFAULTS
 from redi.recipes import resolve_recipe
@@ -34,7 +34,8 @@ class StageConfig:
 
     learning_rate: float | None = None  # None (stage 2): the objective's paper value (PAPER_DEFAULTS)
     batch_size: int = 32
-    micro_batch_size: int = 1
+    micro_batch_size: int = 0  # rows per micro-batch at most; 0: no cap (micro_batch_tokens decides)
+    micro_batch_tokens: str = "auto"  # tokens per micro-batch at most: auto (from free memory) | N | 0 (no budget)
     epochs: float = 1.0
     max_steps: int = 0  # 0: derived from epochs
     warmup_ratio: float = 0.1
@@ -304,7 +305,7 @@ def validate(cfg: Config) -> Config:
         checks = {
             "learning_rate": s.learning_rate > 0,
             "batch_size": s.batch_size >= 1,
-            "micro_batch_size": 1 <= s.micro_batch_size <= s.batch_size,
+            "micro_batch_size": s.micro_batch_size >= 0,
             "epochs": s.epochs > 0,
             "max_steps": s.max_steps >= 0,
             "warmup_ratio": 0.0 <= s.warmup_ratio < 1.0,
@@ -316,11 +317,7 @@ def validate(cfg: Config) -> Config:
         for key, ok in checks.items():
             if not ok:
                 raise UserError(f"config key '{name}.{key}' is out of range: {getattr(s, key)!r}")
-        if s.batch_size % s.micro_batch_size:
-            raise UserError(
-                f"config key '{name}.batch_size' ({s.batch_size}) must be a multiple of "
-                f"'{name}.micro_batch_size' ({s.micro_batch_size})"
-            )
+        micro_batch_tokens_value(s.micro_batch_tokens, f"{name}.micro_batch_tokens")
     unknown = [t for t in cfg.report_to if t not in REPORT_TARGETS]
     if unknown:
         raise UserError(f"config key 'report_to': unknown target '{unknown[0]}'; choose from: {', '.join(REPORT_TARGETS)}")

@@ -14,7 +14,9 @@ ALL = "all"  # the core reads it, whatever the backend
 _STAGE = {
     "learning_rate": ("peak learning rate (linear warmup, then linear decay to 0)", ALL),
     "batch_size": ("global batch: sequences (sft) or pairs (pairs) per optimizer step", ALL),
-    "micro_batch_size": ("sequences or pairs per forward/backward; batch_size must be a multiple", ALL),
+    "micro_batch_size": ("at most this many sequences or pairs per forward/backward; 0: no cap", ALL),
+    "micro_batch_tokens": ("at most this many tokens per forward/backward (a longer row goes alone); auto: what "
+                           "fits in free memory without recomputing layers; 0: no budget", ALL),
     "epochs": ("passes over the data (fractions allowed); ignored when max_steps > 0", ALL),
     "max_steps": ("optimizer steps; 0: derived from epochs (on the command line, --max-steps 0 is a dry run)", ALL),
     "warmup_ratio": ("share of the steps with linear warmup", ALL),

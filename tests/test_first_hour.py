@@ -351,7 +351,7 @@ def test_max_steps_0_checks_prints_the_plan_and_trains_nothing(tmp_path, tiny_mo
     sft = next(line for line in lines if line.startswith("sft: "))
     pair = next(line for line in lines if line.startswith("pairs: "))
     # tiny.yaml: sft batch 16 (micro 8), 1 epoch -> 40 // 16 = 2 steps; pairs batch 8 > 7 kept rows.
-    assert "40 of 40 rows kept" in sft and "2 steps of 16 sequences (2 x 8 micro-batch)" in sft
+    assert "40 of 40 rows kept" in sft and "2 steps of 16 sequences (micro-batches: at most 8 sequences, tokens: auto)" in sft
     assert "7 of 8 rows kept" in pair and "malformed 1" in pair and "1 step of 7 pairs" in pair
     assert "dry run" in out
     assert "pairs: " in err and "whole epoch" in err  # after the last merge of main the shrink wording changed: see the closing note

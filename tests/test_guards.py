@@ -24,6 +24,7 @@ class ScriptedBackend:
     name = "scripted"
     ops = NumpyOps
     rank, world_size = 0, 1
+    pads_micro_batches = False
 
     def __init__(self, chosen, rejected, update, nan_steps=()):
         self.chosen, self.rejected, self.update = chosen, rejected, update
@@ -73,6 +74,9 @@ class ScriptedBackend:
 
     def num_parameters(self):
         return 1000
+
+    def micro_batch_token_budget(self, longest):
+        return 1 << 24
 
     def num_trainable_parameters(self):
         return 1000
@@ -155,7 +159,8 @@ def test_resume_refuses_changed_config_and_names_keys(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["pairs.learning_rate=-1"], "pairs.learning_rate' is out of range"),
-    (["sft.micro_batch_size=3"], "multiple of"),
+    (["sft.micro_batch_size=-1"], "sft.micro_batch_size' is out of range"),
+    (["pairs.micro_batch_tokens=lots"], "'pairs.micro_batch_tokens' must be auto or a number of tokens"),
     (["precision=half"], "precision"),
     (["stage=dpo"], "unknown stage 'dpo'"),
     (["objective=kto"], "unknown objective 'kto'"),

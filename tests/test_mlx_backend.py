@@ -194,12 +194,17 @@ def test_neg_weighting_loss_and_gradient_match_torch_to_1e6(params):
     assert np.abs(s_t.grad.numpy()).max() > 1e-2
 
 
-def test_checkpointing_and_compile_change_nothing(tiny_model_dir, pair_batch):
-    """Gradient checkpointing and mx.compile give the plain path's S and gradients bit for bit."""
+def test_checkpointing_and_compile_change_nothing(tiny_model_dir, pair_batch, monkeypatch):
+    """Gradient checkpointing, mx.compile and recomputed LM-head chunks (long rows: KEEP_LOGITS_BYTES exceeded)
+    give the plain path's S and gradients bit for bit."""
+    from redi.backends.mlx import logprobs
+
     loss_fn = micro_batch_loss(StageRun("pairs", None, [], make_objective("redi"), 0), pair_batch)
     results = []
     for kwargs in ({}, {"activation_checkpointing": "full"}, {"compile": True}, {"activation_checkpointing": "1"},
-                   {"activation_checkpointing": "full", "compile": True}):
+                   {"activation_checkpointing": "full", "compile": True}, {"recompute_head": True}):
+        if kwargs.pop("recompute_head", False):
+            monkeypatch.setattr(logprobs, "KEEP_LOGITS_BYTES", 0)
         m = MLXBackend(**kwargs)
         m.load(tiny_model_dir, lm_head_chunk=4)
         m.init_optimizer(weight_decay=0.0)

@@ -25,9 +25,10 @@ from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, 
                                                per_document_attention)
 from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
 from redi.backends.torch_cuda.logprobs import full_token_logps, token_logps  # noqa: E402
-from redi.backends.torch_cuda.optim import AdamWLowPrecisionState, step_with_norms  # noqa: E402
+from redi.backends.torch_cuda.optim import AdamWLowPrecisionState, grad_norm_and_clip, step_with_norms  # noqa: E402
 from redi.backends.torch_cuda.distributed import Dist  # noqa: E402
-from redi.backends.torch_cuda.packing import block_structure, budget_groups, pack  # noqa: E402
+from redi.backends.torch_cuda.packing import block_structure, pack  # noqa: E402
+from redi.training.batching import token_groups  # noqa: E402
 from redi.backend import MicroBatch  # noqa: E402
 from redi.data import TokenizedSeq  # noqa: E402
 from redi.training.loop import StageRun, micro_batch_loss  # noqa: E402
@@ -105,21 +106,40 @@ def test_packed_sequences_are_isolated(tiny_model_dir):
     assert abs(after[2] - before[2]) > 1e-3
 
 
-def test_chunked_head_equals_full_logits_values_and_grads():
+def _chunked_head_run(bias: bool):
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 300, bias=False)
+    head = torch.nn.Linear(16, 300, bias=bias)
     hidden = torch.randn(53, 16, requires_grad=True)
     targets = torch.randint(0, 300, (53,))
     weights = torch.randn(53)
     got = token_logps(hidden, head, targets, chunk=8)
     (got * weights).sum().backward()
-    g_h, g_w = hidden.grad.clone(), head.weight.grad.clone()
+    return head, hidden, targets, weights, got, hidden.grad.clone(), head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("keep_softmax", [True, False])
+def test_chunked_head_equals_full_logits_values_and_grads(keep_softmax, monkeypatch):
+    from redi.backends.torch_cuda import logprobs
+
+    if not keep_softmax:  # the long-row path: logits recomputed chunk by chunk in the backward
+        monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", 0)
+    head, hidden, targets, weights, got, g_h, g_w = _chunked_head_run(bias=False)
     hidden.grad = head.weight.grad = None
     want = full_token_logps(hidden, head, targets)
     (want * weights).sum().backward()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(g_h, hidden.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_w, head.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_softmax_gives_the_recomputed_gradient_bit_for_bit(monkeypatch):
+    from redi.backends.torch_cuda import logprobs
+
+    kept = _chunked_head_run(bias=True)
+    monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", 0)
+    recomputed = _chunked_head_run(bias=True)
+    for a, b in zip(kept[4:], recomputed[4:]):
+        assert torch.equal(a, b)
 
 
 def _plain_redi_grads(model_dir, batch):
@@ -234,8 +254,8 @@ def test_checkpoint_plan_fits_budget():
     assert sum(m._redi_checkpoint for m in fake) == 2
 
 
-def test_budget_groups():
-    assert budget_groups([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+def test_token_groups():
+    assert token_groups([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
 
 
 def test_bf16_moment_adamw_tracks_torch_adamw_and_bucketed_update_norm():
@@ -264,6 +284,25 @@ def test_bf16_moment_adamw_tracks_torch_adamw_and_bucketed_update_norm():
     assert low.state[p]["exp_avg"].dtype == torch.bfloat16
     # The weights stay fp32: an update of 1e-6 on 0.02 survives (in bf16 it would round away).
     assert float((0.02 - p.detach()).mean()) == pytest.approx(1e-6, rel=1e-2)
+
+
+def test_unbucketed_update_norm_is_the_measured_change_and_grad_clip_skips_at_one():
+    """The CPU's path (bucket_numel None): the norm of (after - before), step after step with the buffer reused."""
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30))]
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, fused=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in params]
+        got = step_with_norms(opt, params, Dist("cpu"), bucket_numel=None)
+        want = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before))))
+        assert got == pytest.approx(want, rel=1e-6) and want > 0
+    grads = [p.grad.clone() for p in params]
+    norm = grad_norm_and_clip(params, 1e6, Dist("cpu"))  # far below the cap: gradients untouched
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    grad_norm_and_clip(params, 0.5 * float(norm), Dist("cpu"))
+    assert float(torch.sqrt(sum((p.grad ** 2).sum() for p in params))) == pytest.approx(0.5 * float(norm), rel=1e-5)
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
@@ -318,7 +357,7 @@ def test_bf16_chunk_path_equals_bf16_full_logits():
     hidden = torch.randn(37, 16, requires_grad=True)
     targets = torch.randint(0, 300, (37,))
     weights = torch.randn(37)
-    got = _ChunkedTokenLogps.apply(hidden, w, None, targets, 8, torch.bfloat16)
+    got = _ChunkedTokenLogps.apply(hidden, w, None, targets, 8, torch.bfloat16, True)
     (got * weights).sum().backward()
     g_h, g_w = hidden.grad.clone(), w.grad.clone()
     hidden.grad = w.grad = None

@@ -21,7 +21,7 @@ from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
 from redi.backend import MicroBatch, apply_options
 from redi.config import check_precision
-from redi.layer_checkpointing import checkpointing_mode
+from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers, token_budget
 from redi.errors import UserError
 from redi.lora import ADAPTER_DIR, LoraSpec
 
@@ -82,6 +82,7 @@ class MLXBackend:
         apply_options(self.options, options, "mlx")
         self.options.compile = self.options.compile == "true"  # auto: no gain measured on MLX yet
         self.rank, self.world_size = 0, 1  # one process: MLX has no multi-process training here
+        self.pads_micro_batches = True  # right-padded, 32-rounded batches (no packing on MLX)
         self.model: Any = None
         self.optimizer: AdamW | None = None
         self._grads: dict[str, mx.array] | None = None
@@ -213,15 +214,32 @@ class MLXBackend:
         if checkpointing_mode(self.options.activation_checkpointing)[0] == "none":
             return
         b, w = scored.input_ids.shape
+        self.checkpointed_layers = checkpointing.plan(
+            self.options.activation_checkpointing, self.config, tokens=b * w, width=w, seqs=b,
+            static_bytes=self._static_bytes(), compute_bytes=self.compute_dtype.size, lm_head_chunk=self.lm_head_chunk)
+        checkpointing.apply(self.model.layers, self.checkpointed_layers)
+
+    def _static_bytes(self) -> float:
+        """Weights + gradient accumulator + a fresh micro-batch gradient + AdamW moments + the compute copy."""
         trainable = sum(v.nbytes for v in self._trainable().values())  # fp32
         state = 2 * trainable * (2 if self.options.optim_state_dtype == "bf16" else 4) // 4  # m and v
         copy = trainable * self.compute_dtype.size // 4 if self.compute_dtype != mx.float32 else 0  # cast weights
-        # weights + gradient accumulator + a fresh micro-batch gradient + AdamW moments + the compute copy
-        static = sum(v.nbytes for _, v in tree_flatten(self.model.parameters())) + 2 * trainable + state + copy
-        self.checkpointed_layers = checkpointing.plan(
-            self.options.activation_checkpointing, self.config, tokens=b * w, width=w, seqs=b, static_bytes=static,
-            compute_bytes=self.compute_dtype.size, lm_head_chunk=self.lm_head_chunk)
-        checkpointing.apply(self.model.layers, self.checkpointed_layers)
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters())) + 2 * trainable + state + copy
+
+    def micro_batch_token_budget(self, longest: int) -> int:
+        """Tokens whose activations fit the free memory (``checkpointing.free_bytes``) with the layers
+        ``activation_checkpointing`` fixes recomputed (auto: none), in right-padded rows of ``longest`` tokens
+        (the unfused attention's [T x T] matrices grow with the row, not only with the tokens)."""
+        mode = self.options.activation_checkpointing
+        free = checkpointing.free_bytes(self._static_bytes(), checkpointing_mode(mode)[1])
+        recomputed = fixed_checkpoint_layers(mode, self.config["num_hidden_layers"]) or 0
+        width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+
+        def activations(tokens: int) -> float:
+            return checkpointing.activation_bytes(self.config, tokens, width, -(-tokens // width), recomputed,
+                                                  self.compute_dtype.size, self.lm_head_chunk)
+
+        return token_budget(free, activations)
 
     def forward_backward(self, batch: MicroBatch, loss_fn) -> tuple[np.ndarray, np.ndarray]:
         scored = self._scored(batch)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from redi.backends.mlx.memory import layer_internals
-from redi.layer_checkpointing import planned_checkpoint_layers
+from redi.layer_checkpointing import host_free_bytes, planned_checkpoint_layers
 
 GB = 1e9
 _SUBCLASSES: dict[type, type] = {}
@@ -62,15 +62,21 @@ def plan(mode: str, config: dict, *, tokens: int, width: int, seqs: int, static_
          compute_bytes: int, lm_head_chunk: int, budget_bytes: float | None = None) -> int:
     """How many layers to checkpoint for this micro-batch."""
     def free(cap_gb: float | None) -> float | None:
-        budget = budget_bytes
-        if budget is None:
-            if not mx.metal.is_available():
-                return None  # a CPU: host memory, no planning (as the torch backend)
-            budget = 0.9 * mx.device_info().get("max_recommended_working_set_size", 0)
-            if cap_gb:
-                budget = min(budget, cap_gb * GB)
-        return budget - static_bytes
+        if budget_bytes is not None:
+            return budget_bytes - static_bytes
+        if not mx.metal.is_available():
+            return None  # a CPU: host memory, no planning (as the torch backend)
+        return free_bytes(static_bytes, cap_gb)
 
     return planned_checkpoint_layers(
         mode, config["num_hidden_layers"], free,
         lambda k: activation_bytes(config, tokens, width, seqs, k, compute_bytes, lm_head_chunk))
+
+
+def free_bytes(static_bytes: float, cap_gb: float | None) -> float:
+    """Memory left for activations: 90% of Metal's recommended working set (or the ``auto:GB`` cap) on an Apple
+    GPU; on a CPU (mlx[cpu]) a share of the host's available memory."""
+    if not mx.metal.is_available():
+        return host_free_bytes(static_bytes)
+    budget = 0.9 * mx.device_info().get("max_recommended_working_set_size", 0)
+    return (min(budget, cap_gb * GB) if cap_gb else budget) - static_bytes

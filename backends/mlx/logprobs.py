@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 ROUND = 32
+KEEP_LOGITS_BYTES = 256 << 20  # fp32 [tokens x vocab] logits autograd may keep instead of recomputing chunks
 
 
 @dataclass
@@ -96,5 +97,9 @@ def sequence_logps(model: nn.Module, input_ids: mx.array, positions: mx.array, t
     hidden = decoder_hidden(model, input_ids)
     b, w, h = hidden.shape
     picked = mx.take(hidden.reshape(b * w, h), positions, axis=0)
-    per_token = token_logps(model, picked, targets, chunk, checkpoint=differentiable)
+    # Short rows: the logits of every chunk fit in KEEP_LOGITS_BYTES, so autograd keeps them and the backward
+    # needs no second LM-head matmul per chunk (profiled on SmolLM2-135M, short rows); long rows recompute.
+    vocab = lm_head(model)[0].weight.shape[0]
+    keep = picked.shape[0] * vocab * 4 <= KEEP_LOGITS_BYTES
+    per_token = token_logps(model, picked, targets, chunk, checkpoint=differentiable and not keep)
     return (segments * per_token[None, :]).sum(axis=1)

@@ -27,6 +27,7 @@ from redi.backends.torch_cuda.packing import pack
 from redi.backend import MicroBatch, apply_options, edit_model_config, no_weight_decay
 from redi.config import check_precision
 from redi.errors import UserError
+from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers, host_free_bytes, token_budget
 from redi.lora import LoraSpec
 from redi.model_dir import copy_tokenizer_files, rope_theta_on_top
 
@@ -110,6 +111,7 @@ class TorchBackend:
         self.seed = seed
         self.options = TorchOptions()
         apply_options(self.options, options, "torch")
+        self.pads_micro_batches = not self.options.packing
         if self.world_size > 1 and not self.options.packing:
             raise UserError("multi-process training needs packing=true")
         if self.dist.enabled and self.lora:  # enabled, not world_size: torchrun with one rank shards too
@@ -310,20 +312,39 @@ class TorchBackend:
             logps = self.model(redi_packed=inputs)
         return logps, torch.from_numpy(row.lengths)
 
-    def _plan_checkpointing(self, tokens: int) -> None:
+    def _memory_terms(self) -> tuple[float, float]:
+        """Bytes training holds besides activations (static: weights, gradients, AdamW moments, the ones not
+        allocated yet included) and the LM head's workspace, for the activation planners."""
         state_bytes = 2 if self.options.optim_state_dtype == "bf16" else 4
         grads = any(p.grad is not None for p in self.model.parameters())
         states = self.optimizer is not None and bool(self.optimizer.state)
-        static = 0.0
+        trainable = self.num_trainable_parameters()
         if self.device.type == "cuda":
-            static = layers.static_bytes_estimate(self.num_trainable_parameters(), self.world_size, state_bytes,
-                                                  grads_present=grads, states_present=states, layers=len(self.layers))
+            static = layers.static_bytes_estimate(trainable, self.world_size, state_bytes, grads_present=grads,
+                                                  states_present=states, layers=len(self.layers))
+        else:  # host memory: the weights are already counted out of the available memory; what is still to come
+            static = (0.0 if grads else 4.0 * trainable) + (0.0 if states else 2.0 * state_bytes * trainable)
         head = self.model.get_output_embeddings().weight
-        work = layers.lm_head_workspace(self.lm_head_chunk, head.shape[0], head.shape[1])
+        return static, layers.lm_head_workspace(self.lm_head_chunk, head.shape[0], head.shape[1])
+
+    def _plan_checkpointing(self, tokens: int) -> None:
+        static, work = self._memory_terms()
         k = layers.plan(self.options.activation_checkpointing, self.memory_model, tokens, device=self.device,
-                        static_bytes=static, workspace_bytes=work)
+                        static_bytes=static if self.device.type == "cuda" else 0.0, workspace_bytes=work)
         layers.set_checkpointed(self.layers, k)
         self.last_checkpointed_layers = k
+
+    def micro_batch_token_budget(self, longest: int) -> int:
+        """Tokens whose activations fit the free memory (the GPU's, or a share of the host's) with the layers
+        ``activation_checkpointing`` fixes recomputed (auto: none, so the budget never forces recomputation)."""
+        mode = self.options.activation_checkpointing
+        static, work = self._memory_terms()
+        if self.device.type == "cuda":
+            free = layers.cuda_free_bytes(self.device, checkpointing_mode(mode)[1], static, work)
+        else:
+            free = host_free_bytes(static + work)
+        recomputed = fixed_checkpoint_layers(mode, len(self.layers)) or 0
+        return token_budget(free, lambda t: self.memory_model.activation_bytes(t, recomputed))
 
     def _logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self._packed_logps(batch) if self.options.packing else self._padded_logps(batch)

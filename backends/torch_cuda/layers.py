@@ -177,11 +177,16 @@ def plan(mode: str | int, model_memory: MemoryModel, tokens: int, *, device: tor
     def free(cap_gb: float | None) -> float | None:
         if device.type != "cuda":
             return None  # the CPU path: host memory, no planning
-        total = torch.cuda.get_device_properties(device).total_memory
-        budget = min(total * 0.94, cap_gb * GIB) if cap_gb else total * 0.94
-        return budget - static_bytes - workspace_bytes - 1.0 * GIB  # allocator fragmentation, NCCL, cuBLAS
+        return cuda_free_bytes(device, cap_gb, static_bytes, workspace_bytes)
 
     return planned_checkpoint_layers(mode, model_memory.layers, free, lambda k: model_memory.activation_bytes(tokens, k))
+
+
+def cuda_free_bytes(device: torch.device, cap_gb: float | None, static_bytes: float, workspace_bytes: float) -> float:
+    """The GPU memory left for one micro-batch's activations (under an ``auto:GB`` cap when given)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = min(total * 0.94, cap_gb * GIB) if cap_gb else total * 0.94
+    return budget - static_bytes - workspace_bytes - 1.0 * GIB  # allocator fragmentation, NCCL, cuBLAS
 
 
 def static_bytes_estimate(numel: int, world_size: int, state_bytes_per_param: int, *, grads_present: bool,

@@ -41,6 +41,8 @@ def _grad_logits(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, targe
 
 
 _KERNELS: dict[str, object] = {}
+# fp32 softmax kept from the forward for the backward when the whole [tokens x vocab] fits in this many bytes.
+KEEP_SOFTMAX_BYTES = 256 << 20
 
 
 def _kernel(name: str, fn):
@@ -64,25 +66,32 @@ def _kernel(name: str, fn):
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk, dtype, keep_softmax):
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         n_tok = hidden.shape[0]
         out = torch.empty(n_tok, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         rows = min(chunk, n_tok)
+        probs = None
         if dtype == torch.float32:
-            buf = torch.empty(rows, w.shape[0], dtype=torch.float32, device=hidden.device)
+            # Small enough (short rows): keep every chunk's softmax for the backward instead of recomputing the
+            # logits there, one [tokens x hidden x vocab] matmul less (profiled on SmolLM2-135M, short rows).
+            keep = keep_softmax and n_tok * w.shape[0] * 4 <= KEEP_SOFTMAX_BYTES
+            probs = torch.empty(n_tok, w.shape[0], dtype=torch.float32, device=hidden.device) if keep else None
+            buf = probs if keep else torch.empty(rows, w.shape[0], dtype=torch.float32, device=hidden.device)
             for s in range(0, n_tok, chunk):
                 h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk, None]
-                logits = torch.mm(h, w.t(), out=buf[:h.shape[0]])
+                logits = torch.mm(h, w.t(), out=buf[s:s + h.shape[0]] if keep else buf[:h.shape[0]])
                 if b is not None:
                     logits.add_(b)
                 m = logits.max(dim=1, keepdim=True).values
                 picked = logits.gather(1, t)
-                total = logits.sub_(m).exp_().sum(dim=1, keepdim=True)
+                total = (logits - m if keep else logits.sub_(m)).exp_().sum(dim=1, keepdim=True)
                 lse[s:s + chunk] = (total.log_() + m).squeeze(1)
                 out[s:s + chunk] = picked.squeeze(1) - lse[s:s + chunk]
+                if keep:  # the backward's own formula, so its gradient is bit for bit the recomputed one's
+                    logits.sub_(lse[s:s + chunk, None]).exp_()
             del buf
         else:
             stats = _kernel("log-sum-exp", _lse_and_pick) if hidden.is_cuda else _lse_and_pick
@@ -93,7 +102,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 out[s:s + chunk] = picked - chunk_lse
                 del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.chunk, ctx.dtype, ctx.probs = chunk, dtype, probs
         return out
 
     @staticmethod
@@ -110,12 +119,16 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_out = grad_out.float()
         rows = min(chunk, hidden.shape[0])
         fp32 = dtype == torch.float32
+        probs, ctx.probs = ctx.probs, None
         buf = torch.empty(rows, w.shape[0], dtype=torch.float32, device=hidden.device) if fp32 else None
         grad_fn = _kernel("gradient", _grad_logits) if hidden.is_cuda and not fp32 else _grad_logits
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(dtype)
             g, t = grad_out[s:s + chunk], targets[s:s + chunk]
-            if fp32:  # in place in the reused buffer: d logp_t / d logits = onehot(target) - softmax
+            if fp32 and probs is not None:  # the forward kept the softmax
+                gl = torch.mul(probs[s:s + chunk], -g[:, None], out=buf[:h.shape[0]])
+                gl.scatter_add_(1, t[:, None], g[:, None])
+            elif fp32:  # in place in the reused buffer: d logp_t / d logits = onehot(target) - softmax
                 gl = torch.mm(h, w.t(), out=buf[:h.shape[0]])
                 if b is not None:
                     gl.add_(b)
@@ -133,7 +146,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         del buf
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -141,7 +154,8 @@ def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.T
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, max(1, int(chunk)), _compute_dtype(hidden))
+    backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, max(1, int(chunk)), _compute_dtype(hidden), backward)
 
 
 def full_token_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:

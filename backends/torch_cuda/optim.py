@@ -16,7 +16,7 @@ import math
 import torch
 
 from redi.backends.torch_cuda.distributed import Dist, local
-from redi.backends.torch_cuda.packing import budget_groups
+from redi.training.batching import token_groups
 
 
 class AdamWLowPrecisionState(torch.optim.Optimizer):
@@ -58,8 +58,9 @@ class AdamWLowPrecisionState(torch.optim.Optimizer):
 def make_adamw(groups: list[dict], device: torch.device, state_dtype: str) -> torch.optim.Optimizer:
     if state_dtype == "bf16":
         return AdamWLowPrecisionState(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, state_dtype=torch.bfloat16)
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    # Fused on the CPU too: one pass over each tensor instead of eight, and the step is memory-bound there
+    # (a third of a short-row step on SmolLM2-135M, profiled). Within 1 fp32 ulp of the for-each arithmetic.
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cuda", "cpu"))
 
 
 def grad_norm_and_clip(params: list[torch.Tensor], max_grad_norm: float, dist: Dist) -> torch.Tensor:
@@ -73,7 +74,8 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_grad_norm: float, dist: D
     total = dist.all_reduce_sum(sq).sqrt()
     if max_grad_norm > 0 and torch.isfinite(total):
         coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        if coef < 1.0:  # a coefficient of 1 changes nothing: skip the pass over every gradient
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
     return total
 
 
@@ -82,9 +84,8 @@ def step_with_norms(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
     """Run ``optimizer.step()`` and return the global norm of the change it made to ``params``."""
     live = [p for p in params if p.grad is not None]
     if bucket_numel is None:
-        buckets = [live]
-    else:
-        buckets = [[live[k] for k in g] for g in budget_groups([local(p).numel() for p in live], bucket_numel)]
+        return _step_with_norm_in_buffer(optimizer, live, dist, params)
+    buckets = [[live[k] for k in g] for g in token_groups([local(p).numel() for p in live], bucket_numel)]
     sq = torch.zeros((), dtype=torch.float64)
     for bucket in buckets:
         held = {}
@@ -102,6 +103,23 @@ def step_with_norms(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
         if deltas:
             sq += torch.stack([n.float() for n in torch._foreach_norm(deltas)]).pow(2).sum().double().cpu()
         del deltas
+    return float(dist.all_reduce_sum(sq.to(dtype=torch.float32, device=_comm_device(params, dist))).sqrt())
+
+
+def _step_with_norm_in_buffer(optimizer: torch.optim.Optimizer, live: list[torch.Tensor], dist: Dist,
+                              params: list[torch.Tensor]) -> float:
+    """``step_with_norms`` in one piece (the CPU): the weights before the step go into a buffer kept on the
+    optimizer between steps, and the change is taken in place there. Fresh weight-sized allocations every step
+    (a clone, then a difference) cost more in page faults than the arithmetic on a CPU (profiled)."""
+    weights = [local(p).detach() for p in live]
+    held = getattr(optimizer, "_redi_before", None)
+    if held is None or [b.shape for b in held] != [w.shape for w in weights]:
+        held = optimizer._redi_before = [torch.empty_like(w) for w in weights]
+    torch._foreach_copy_(held, weights)
+    optimizer.step()
+    torch._foreach_sub_(held, weights)  # before - after: the change's norm, sign aside
+    sq = torch.stack([n.float() for n in torch._foreach_norm(held)]).pow(2).sum().double().cpu() if held else \
+        torch.zeros((), dtype=torch.float64)
     return float(dist.all_reduce_sum(sq.to(dtype=torch.float32, device=_comm_device(params, dist))).sqrt())
 
 

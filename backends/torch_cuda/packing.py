@@ -104,20 +104,3 @@ def block_structure(doc_lens: tuple[int, ...], block: int = BLOCK) -> tuple[np.n
     visible = causal & (last[None, :] >= first[:, None])
     full = (j < i) & (first[None, :] == last[:, None])
     return visible & ~full, full
-
-
-def budget_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Greedy groups of consecutive items whose summed length stays within ``budget`` tokens (an item
-    longer than the budget gets a group of its own). The optimizer's update-norm buckets use it."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for k, n in enumerate(lengths):
-        if current and used + n > budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(k)
-        used += n
-    if current:
-        groups.append(current)
-    return groups

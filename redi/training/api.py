@@ -23,7 +23,8 @@ from redi.hub import locate
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.objectives import make_objective
 from redi.training import checkpoint as ckpt
-from redi.training.loop import Guards, StageRun, make_progress, reference_logps, run_stage
+from redi.layer_checkpointing import micro_batch_tokens_value
+from redi.training.loop import Guards, StageRun, make_progress, reference_logps, resolve_token_budget, run_stage
 from redi.training.metrics import MetricsWriter, read_metrics, truncate_metrics
 from redi.training.preflight import (check_inputs, finish_dry_run, model_warnings, no_trace_on_error, stage_line,
                                      stage_warnings, warn)
@@ -69,16 +70,16 @@ def _prepare_stage(cfg: Config, stage: str, model_path: str, data: str, encoder:
 
 def _shrink_to_data(stage: str, settings, n_examples: int) -> str | None:
     """A batch larger than the data is the data (what the step plan trains anyway); config.yaml records it.
-    The micro-batch becomes the largest divisor of it that fits, so the recorded config stays valid. Returns
-    the warning that says so (None when nothing changed)."""
+    A row cap above the new batch comes down with it. Returns the warning that says so (None when nothing
+    changed)."""
     if n_examples >= settings.batch_size:
         return None
     batch, micro = settings.batch_size, settings.micro_batch_size
     settings.batch_size = n_examples
-    settings.micro_batch_size = max(d for d in range(1, min(micro, n_examples) + 1) if n_examples % d == 0)
+    settings.micro_batch_size = min(micro, n_examples)  # a cap on rows per micro-batch (0: none)
     change = f"batch_size {batch} -> {n_examples}"
     if settings.micro_batch_size != micro:
-        change += f", micro_batch_size {micro} -> {settings.micro_batch_size} (it must divide {n_examples})"
+        change += f", micro_batch_size {micro} -> {settings.micro_batch_size}"
     return f"{stage}: only {n_examples:,} rows for batch_size {batch:,}: {change}; every step is a whole epoch"
 
 
@@ -253,6 +254,9 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
         check_disk_room(run_dir, backend.num_parameters(), cfg.keep_last, cfg.save_every > 0,
                         trainable=backend.num_trainable_parameters())
     backend.init_optimizer(weight_decay=run.settings.weight_decay)
+    budget = resolve_token_budget(run, backend)
+    if session.main and micro_batch_tokens_value(run.settings.micro_batch_tokens) is None:
+        print(f"{stage}: micro-batches of up to {budget:,} tokens (micro_batch_tokens auto: what fits in free memory)")
     start_step = 0
     if state.get("stage") == stage and not state.get("complete"):
         backend.load_checkpoint(state["checkpoint"])
@@ -261,7 +265,7 @@ def _train_stage(session: _Session, index: int, stage: str, progress) -> None:
             print(f"resumed from {stage} step {start_step} of {run.plan().total_steps} (checkpoint {state['checkpoint']})")
     if run.objective is not None and run.objective.needs_reference:
         # Computed from the stage's start model, so a resumed run must reuse the cached file.
-        run.reference = reference_logps(backend, run.examples, run.settings.micro_batch_size,
+        run.reference = reference_logps(backend, run.examples, run.plan(),
                                         run_dir / "reference_logps.npy", progress)
 
     sealed = resolved_dict(cfg, backend.name)  # what --resume compares a later config with

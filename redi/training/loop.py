@@ -18,7 +18,8 @@ from redi.errors import UserError
 from redi.training.progress import make_progress  # noqa: F401 (the callers' import)
 from redi.objectives import Objective, PairStats, sft_loss
 from redi.training import checkpoint as ckpt
-from redi.training.batching import StepPlan, lr_at
+from redi.layer_checkpointing import micro_batch_tokens_value
+from redi.training.batching import StepPlan, example_tokens, lr_at, token_groups
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.training.metrics import pair_step_metrics, sft_step_metrics
 from redi.training.ranks import rank_share
@@ -40,10 +41,27 @@ class StageRun:
     objective: Objective | None  # None for SFT
     seed: int
     reference: np.ndarray | None = None  # [n_examples, 2] reference S (chosen, rejected) for DPO
+    micro_batch_tokens: int = 0  # the settings' micro_batch_tokens with auto resolved (resolve_token_budget)
+    padded: bool = False  # the backend right-pads micro-batches (resolve_token_budget)
 
     def plan(self) -> StepPlan:
         s = self.settings
-        return StepPlan(len(self.examples), s.batch_size, s.micro_batch_size, s.epochs, s.max_steps, self.seed)
+        return StepPlan(len(self.examples), s.batch_size, s.micro_batch_size, s.epochs, s.max_steps, self.seed,
+                        self.micro_batch_tokens, self.padded)
+
+    def longest_sequence(self) -> int:
+        return max(max(e.chosen.length, e.rejected.length) if isinstance(e, TokenizedPair) else e.length
+                   for e in self.examples)
+
+
+def resolve_token_budget(run: StageRun, backend: Backend) -> int:
+    """The stage's micro_batch_tokens as a number: ``auto`` asks the loaded backend what fits in its free memory,
+    and every rank takes the smallest answer (all ranks must cut the step into the same micro-batches)."""
+    value = micro_batch_tokens_value(run.settings.micro_batch_tokens, f"{run.name}.micro_batch_tokens")
+    if value is None:
+        value = min(backend.all_gather_object(backend.micro_batch_token_budget(run.longest_sequence())))
+    run.micro_batch_tokens, run.padded = value, backend.pads_micro_batches
+    return value
 
 
 def micro_batch_loss(run: StageRun, batch: MicroBatch) -> Callable:
@@ -59,7 +77,7 @@ def micro_batch_loss(run: StageRun, batch: MicroBatch) -> Callable:
     return loss
 
 
-def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_batch_size: int,
+def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], plan: StepPlan,
                     cache: Path, progress: Progress | None = None) -> np.ndarray:
     """Reference S for every pair, computed once with the frozen start model and cached in the run folder."""
     if cache.exists():
@@ -68,8 +86,9 @@ def reference_logps(backend: Backend, examples: Sequence[TokenizedPair], micro_b
             return ref
     ref = np.zeros((len(examples), 2))
     task = progress.add_task("reference log-probs", total=len(examples), info="") if progress else None
-    for start in range(0, len(examples), micro_batch_size):
-        idx = np.arange(start, min(start + micro_batch_size, len(examples)))
+    sizes = [example_tokens(e, plan.padded) for e in examples]
+    for group in token_groups(sizes, plan.micro_batch_tokens, plan.micro_batch_size, plan.padded):
+        idx = np.asarray(group)
         batch = MicroBatch([examples[i].chosen for i in idx] + [examples[i].rejected for i in idx], len(idx), 1.0, idx)
         stats = PairStats.from_halves(*backend.sequence_logps(batch))
         ref[idx, 0], ref[idx, 1] = stats.chosen_logps, stats.rejected_logps

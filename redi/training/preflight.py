@@ -22,6 +22,7 @@ from redi.config import Config
 from redi.data import resolve_sources
 from redi.errors import UserError
 from redi.hub import locate
+from redi.layer_checkpointing import micro_batch_tokens_value
 
 
 def warn(message: str) -> None:
@@ -75,10 +76,12 @@ def stage_line(stage: str, report: dict, plan, settings) -> str:
     dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(report["dropped"].items())) or "none"
     unit = "sequences" if stage == "sft" else "pairs"
     per_step = min(settings.batch_size, report["kept"])
-    accumulation = -(-per_step // settings.micro_batch_size)
+    rows = f"at most {settings.micro_batch_size:,} {unit}" if settings.micro_batch_size else f"any number of {unit}"
+    tokens = micro_batch_tokens_value(settings.micro_batch_tokens)
+    budget = "tokens: auto" if tokens is None else f"at most {tokens:,} tokens" if tokens else "no token budget"
     line = (f"{stage}: {report['kept']:,} of {report['rows']:,} rows kept (dropped: {dropped}; truncated "
             f"{report['truncated']:,}); {plan.total_steps:,} step{'s' if plan.total_steps != 1 else ''} of {per_step:,} {unit} "
-            f"({accumulation} x {settings.micro_batch_size} micro-batch)")
+            f"(micro-batches: {rows}, {budget})")
     return line
 
 
