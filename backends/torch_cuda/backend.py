@@ -23,6 +23,7 @@ from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_o
 from redi.backends.torch_cuda.generate import generate as generate_rows
 from redi.backends.torch_cuda.logprobs import packed_sequence_logps, sequence_logps
 from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_with_norms
+from redi.backends.torch_cuda.ops import TorchOps
 from redi.backends.torch_cuda.packing import pack
 from redi.backend import MicroBatch, apply_options, edit_model_config, no_weight_decay
 from redi.config import check_precision
@@ -30,37 +31,6 @@ from redi.errors import UserError
 from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers, host_free_bytes, token_budget
 from redi.lora import LoraSpec
 from redi.model_dir import copy_tokenizer_files, rope_theta_on_top
-
-class TorchOps:
-    @staticmethod
-    def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.logsigmoid(x)
-
-    @staticmethod
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        return x.mean()
-
-    @staticmethod
-    def sum(x: torch.Tensor) -> torch.Tensor:
-        return x.sum()
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def asarray(self, x: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
-
-    @staticmethod
-    def log1mexp(x: torch.Tensor) -> torch.Tensor:
-        return torch.log(-torch.expm1(x))
-
-    @staticmethod
-    def exp(x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(x)
-
-    @staticmethod
-    def stop_gradient(x: torch.Tensor) -> torch.Tensor:
-        return x.detach()
 
 
 def write_top_level_rope_theta(model_dir: Path) -> None:
