@@ -43,7 +43,7 @@ from redi.pairing.decode import count_range
 from redi.pairing.filters import Histogram
 from redi.pairing.rules import CORRECT_IF, SCHEMAS, Drop, detect_schema, needed_columns, required_columns
 from redi.pairing.sinks import BucketedSink, FileWriter, bucket_count
-from redi.overwrite import refuse_overwriting_inputs
+from redi.outputs import refuse_overwriting_inputs
 from redi.pairing.sources import open_source
 from redi.pairing.work import (HISTOGRAMS, BatchWorker, CountJob, Layout, ProcessJob, Tally, WorkSpec, init_worker,
                                run_job, run_process, use_system_allocator)
