@@ -186,3 +186,31 @@ def test_grade_never_writes_over_its_input(tmp_path):
     proc = _run("grade", responses, "-o", tmp_path / "." / "r.jsonl", "--workers", "0")
     _one_line_error(proc, "--output would replace the input file")
     assert responses.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def test_a_key_in_the_wrong_section_suggests_where_it_lives():
+    """§5: `pairs.alpha` got "did you mean pairs.epochs?"; alpha is a top-level key."""
+    from redi.config import Config, apply_overrides
+    from redi.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown config key 'pairs.alpha' in --set; did you mean 'alpha'\?$"):
+        apply_overrides(Config(), ["pairs.alpha=0.5"])
+    with pytest.raises(UserError, match=r"did you mean 'pairs.learning_rate'\?$"):  # spelling still helps
+        apply_overrides(Config(), ["pairs.learning_rat=1e-6"])
+
+
+def test_tilde_in_a_recipe_reaches_the_loader_expanded(tmp_path, tiny_model_dir):
+    """§5: `model: ~/models/x` passed the path check (which expanded ~) and failed in the loader with
+    "Repo id must be ..."."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_model_dir, home / "models" / "x")
+    _sft_rows(home / "sft.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: ~/models/x\ndata: ~/sft.jsonl\nstage: sft\nbackend: cpu\n")
+    proc = _run("train", "--config", recipe, "--output", tmp_path / "run", "--max-steps", "0",
+                env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sft: 8 of 8 rows kept" in proc.stdout

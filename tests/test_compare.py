@@ -216,3 +216,22 @@ def test_step_axes_have_integer_ticks_and_accuracy_none_below_zero():
     assert all(float(t).is_integer() for t in ax.get_xticks() if lo <= t <= hi)
     assert ax.get_ylim()[0] >= 0 and min(t for t in ax.get_yticks() if t >= ax.get_ylim()[0]) >= 0
     plt.close(fig)
+
+
+def test_the_whole_grid_is_checked_before_any_arm_trains(tmp_path):
+    """Issue 22 §5: an unknown objective in arm 2 surfaced only after arm 1 had trained, and the list of
+    objectives in the message left out sft, which compare accepts."""
+    from redi.errors import UserError
+    from redi.experiments.compare import load_compare_config
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"recipe: {TINY}\narms:\n  - {{name: a, objective: sft}}\n  - {{name: b, objective: redo}}\n")
+    with pytest.raises(UserError) as caught:
+        load_compare_config(grid)
+    message = str(caught.value)
+    assert "arm 2 (b): unknown objective 'redo'" in message
+    assert message.endswith("valid objectives: redi, symmetric, dpo, simpo, orpo, sft")
+    grid.write_text(f"recipe: {TINY}\narms:\n  - {{name: a, objective: redi}}\n"
+                    "  - {name: b, objective: dpo, beta: -1}\n")
+    with pytest.raises(UserError, match=r"arm 2 \(b\): config key 'beta' must be positive"):
+        load_compare_config(grid)
