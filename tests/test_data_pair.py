@@ -377,7 +377,7 @@ def test_cli_writes_the_folder_and_prints_the_table(tmp_path, capsys):
     ([RAW, "--shuffle-seed", "x"], "error: --shuffle-seed 'x'"),
     ([RAW, "--pairs-per-problem", "-1"], "error: --pairs-per-problem must be >= 0"),
     ([RAW, "--decontaminate", "nowhere.json"], "error: --decontaminate file not found: nowhere.json"),
-    ([RAW, "--tokenizer", "/nonexistent/tok"], "error: cannot load tokenizer /nonexistent/tok"),
+    ([RAW, "--tokenizer", "/nonexistent/tok"], "error: cannot load a tokenizer from /nonexistent/tok"),
     ([BENCH], "error: cannot tell the schema of"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
