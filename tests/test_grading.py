@@ -363,3 +363,12 @@ def test_a_judgement_out_of_memory_is_a_timeout_and_no_process_passes_2_5_gb(tmp
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rc=0" in proc.stdout and "timeouts=1 " in proc.stdout and " ok" in proc.stdout, proc.stdout
+
+
+def test_the_judging_process_replaces_itself_after_a_death_and_keeps_order():
+    """--workers 0/1 and small batches: one long-lived process; an item that kills it gets the fallback and
+    the next item runs in a fresh one."""
+    from redi.evaluation.workers import run_in_judge_process
+
+    out = run_in_judge_process(_dies_on_two, [(i,) for i in range(5)], hard_limit=30.0, on_hang=-1)
+    assert out == [0, 2, -1, 6, 8]

@@ -223,6 +223,7 @@ class _JudgeProcess:
         self._lock = threading.Lock()
         self._proc = None
         self._conn = None
+        self._stillborn = 0  # fresh processes in a row that died before answering once
 
     def _start(self) -> None:
         ctx = _context()
@@ -243,18 +244,24 @@ class _JudgeProcess:
             return [self._one(item_fn, args, hard_limit, on_hang) for args in items]
 
     def _one(self, item_fn, args: tuple, hard_limit: float, on_hang):
-        if self._proc is None or not self._proc.is_alive():
+        fresh = self._proc is None or not self._proc.is_alive()
+        if fresh:
             self.stop()
             self._start()
         try:
             self._conn.send((item_fn, args, on_hang))
             if self._conn.poll(hard_limit):
                 result, retiring = self._conn.recv()
+                self._stillborn = 0
                 if retiring:
                     self.stop()
                 return result
         except (EOFError, OSError):  # the process died mid-item (the OOM killer, a crash in C code)
-            pass
+            self._stillborn += fresh
+            if self._stillborn >= 2:  # not the items: the process cannot start (as run_in_workers says)
+                self.stop()
+                raise RuntimeError("the grading process did not start; if this runs from stdin or a notebook, "
+                                   "run it from a script file (multiprocessing re-imports it)") from None
         except BaseException:  # Ctrl-C: an answer may still be on its way, so this process cannot be reused
             self.stop()
             raise
