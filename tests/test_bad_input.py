@@ -214,3 +214,19 @@ def test_tilde_in_a_recipe_reaches_the_loader_expanded(tmp_path, tiny_model_dir)
                 env={"HOME": str(home)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sft: 8 of 8 rows kept" in proc.stdout
+
+
+def test_eval_and_generate_never_write_over_their_input(tmp_path, tiny_model_dir):
+    """§2.1 for the other commands that write into a folder with --force: a benchmark or problems file that
+    is the folder's samples.jsonl / traces.jsonl would have been appended to and rewritten."""
+    for command, name, flag in (("eval", "samples.jsonl", "--benchmark"), ("data", "traces.jsonl", "--problems")):
+        folder = tmp_path / command
+        folder.mkdir()
+        data = folder / name
+        data.write_bytes(_bench(tmp_path).read_bytes())
+        before = data.read_bytes()
+        args = (["eval", "--model"] if command == "eval" else ["data", "generate", "--teacher"])
+        proc = _run(*args, tiny_model_dir, flag, data, "--output", folder, "--force", "--engine", "native",
+                    "--backend", "cpu", "--max-new-tokens", "4")
+        _one_line_error(proc, f"--output would replace the input file {data}")
+        assert data.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == [name]

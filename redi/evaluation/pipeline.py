@@ -252,12 +252,15 @@ def evaluate(model: str, benchmarks: list[str], output: str, settings: EvalSetti
     from redi.evaluation.settings import guard_settings
     from redi.hub import locate
     from redi.model_dir import check_model_folder
+    from redi.outputs import refuse_overwriting_inputs
     from redi.training.api import load_tokenizer
     from redi.training.loop import make_progress
 
     out = Path(output)
     check_sampling(settings.temperature, settings.top_p)
     loaded = [load_benchmark(b, settings.limit) for b in benchmarks]
+    refuse_overwriting_inputs([Path(b) for b in benchmarks],
+                              [out / name for name in ("samples.jsonl", "results.json", "settings.json")])
     locate(model, "model", "--model")
     check_model_folder(model)  # before guard_settings records it: a bad --model must not claim the folder
     guard_settings(out, settings.recorded(model), force=force)

@@ -295,6 +295,11 @@ def generate_traces(teacher: str, problems_spec: str, output: str | Path, s: Gen
     problems = load_problems(problems_spec, s.id_field, s.limit)
     if not problems:
         raise UserError(f"{problems_spec}: no problems")
+    from redi.evaluation.settings import SETTINGS_FILE
+    from redi.outputs import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([Path(problems_spec).expanduser()],
+                              [out / name for name in (TRACES_FILE, REPORT_FILE, SETTINGS_FILE)])
     out.mkdir(parents=True, exist_ok=True)
     engine_name = s.engine or default_engine()
     guard_settings(out, s.guarded(teacher, problems_spec, engine_name), force=force, data_file=TRACES_FILE)
