@@ -1,11 +1,13 @@
 """Peak memory of `redi grade` on hostile responses: the whole process tree, sampled every 10 ms.
 
-    python scripts/hostile_grading_memory.py [--workers 0 1 2] [--limit-gb 2.5] [--rows zeros,powers]
+    python scripts/hostile_grading_memory.py [--workers 0 1 2] [--limit-gb 2.5] [--rows zeros,powers] [--filler 0]
 
 Rows (issue 22 §4): one ``\\boxed{\\operatorname{zeros}(8000,8000)}`` (3.5 GB when judged without a limit) and
 20 rows of ``\\boxed{2^{N}}`` with huge N (4.2 GB held). Prints, per --workers setting, the peak resident memory
 of the largest single process and of the whole tree (the CLI process, its fork server and judging processes),
-the verdict counts, and exits 1 when any process passes --limit-gb. A tree that passes twice the limit is
+the verdict counts, and exits 1 when any process passes --limit-gb. ``--filler 80`` adds ordinary distinct rows,
+so that a run with --workers 2+ takes the worker-pool path (64 distinct judgements or more) instead of the
+one judging process. A tree that passes twice the limit is
 killed at once (so a regression cannot eat a shared machine) and reported as over the limit.
 """
 from __future__ import annotations
@@ -25,9 +27,11 @@ ROWS = {
 }
 
 
-def write_rows(path: Path, kinds: list[str]) -> int:
+def write_rows(path: Path, kinds: list[str], filler: int = 0) -> int:
     lines = [json.dumps({"id": f"{kind}-{i}", "response": response, "answer": "3"})
              for kind in kinds for i, response in enumerate(ROWS[kind])]
+    lines += [json.dumps({"id": f"filler-{i}", "response": rf"\boxed{{{i}}}", "answer": str(i % 7)})
+              for i in range(filler)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(lines)
 
@@ -81,12 +85,13 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-gb", type=float, default=2.5)
     parser.add_argument("--rows", default="zeros,powers")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--filler", type=int, default=0)
     args = parser.parse_args(argv)
     limit = int(args.limit_gb * 2 ** 30)
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         responses = Path(tmp) / "hostile.jsonl"
-        n = write_rows(responses, args.rows.split(","))
+        n = write_rows(responses, args.rows.split(","), args.filler)
         for workers in args.workers:
             row = measure(responses, workers, kill_above=2 * limit, timeout=args.timeout)
             over = row["killed"] or row["peak_process"] > limit
