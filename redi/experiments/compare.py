@@ -22,6 +22,7 @@ import yaml
 
 from redi.config import Config, apply_mapping, continued_sft_config, load_config, validate
 from redi.errors import UserError
+from redi.model_dir import check_model_folder
 from redi.objectives import PAIR_OBJECTIVES
 from redi.training.guards import CollapseDetector
 from redi.training.metrics import read_metrics
@@ -312,6 +313,7 @@ def start_models(cc: CompareConfig, out: Path) -> tuple[dict[str, str], str]:
     models = {}
     for start in cc.starts:
         if start.path:
+            check_model_folder(start.path, f"sft_checkpoints.{start.name}")  # a run folder: "did you mean RUN/final?"
             if not Path(start.path, "config.json").exists():
                 raise UserError(f"sft checkpoint {start.path} ({start.name}) is not a model directory (no config.json)")
             models[start.name] = start.path
