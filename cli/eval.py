@@ -1,6 +1,7 @@
 """`redi eval`: sample, grade and report with the paper's protocol."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
         from redi.errors import Interrupted, UserError
         from redi.evaluation.engines import ENGINES
         from redi.evaluation.grading import GRADERS
-        from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, evaluate
+        from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, count_samples, evaluate
 
         if template not in ("paper", "raw"):
             raise UserError(f"--template must be paper or raw, got '{template}'")
@@ -90,6 +91,8 @@ def register(app: typer.Typer) -> None:
         try:
             results = evaluate(model, benchmark, output, settings, backend, force=force)
         except KeyboardInterrupt:
-            raise Interrupted(f"samples so far are in {output}/samples.jsonl; the same command resumes from them") from None
+            kept = count_samples(Path(output) / "samples.jsonl")
+            raise Interrupted(f"{kept} sample{'' if kept == 1 else 's'} so far are in {output}/samples.jsonl; "
+                              "the same command resumes from them") from None
         Console().print(results_table(results, f"redi eval: {model}"))
         typer.echo(f"samples: {output}/samples.jsonl  results: {output}/results.json")

@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 
 from redi.cli.help import UsageCommand
+from redi.atomic import write_text_atomic
 from redi.errors import UserError
+from redi.outputs import json_line, refuse_overwriting_inputs
 
 
 def _percent(value) -> str:
@@ -45,7 +47,7 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write per-sample verdicts (JSONL)."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Grading processes (default: all cores; "
-                                                                      "0 or 1: in this process)."),
+                                                                      "0 or 1: one judging process)."),
         require_boxed: bool = typer.Option(True, "--require-boxed/--no-require-boxed",
                                            help="No \\boxed{} is a format error; off: math-verify extracts."),
         require_think: bool = typer.Option(False, "--require-think",
@@ -65,13 +67,13 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--workers must be 0 or more, got {workers}")
         if timeout <= 0:
             raise UserError(f"--timeout must be positive, got {timeout}")
+        if output is not None:
+            refuse_overwriting_inputs([responses], [output], flag="--output")
         summary, records = grade_file(responses, workers=workers, timeout=timeout, require_boxed=require_boxed,
                                       require_think=require_think, grader=grader)
         if output is not None:
-            try:
-                with open(output, "w", encoding="utf-8") as handle:
-                    for record in records:
-                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            try:  # in one rename: a kill or a full disk never leaves a cut verdict file
+                write_text_atomic(output, "".join(json_line(record) for record in records))
             except OSError as err:
                 raise UserError(f"{output}: cannot write ({err.strerror or err})") from None
         if json_output:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -158,7 +159,10 @@ def valid_keys() -> list[str]:
 
 
 def _unknown_key(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, valid_keys() + ["sft", "pairs"], n=1, cutoff=0.5)
+    # The same name in another place first (pairs.alpha -> alpha, a top-level key), then spelling.
+    leaf = key.rsplit(".", 1)[-1]
+    moved = sorted((k for k in valid_keys() if k.rsplit(".", 1)[-1] == leaf and k != key), key=lambda k: k.count("."))
+    close = moved[:1] or difflib.get_close_matches(key, valid_keys() + ["sft", "pairs"], n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
     return UserError(f"unknown config key '{key}' in {where}{hint}")
 
@@ -229,7 +233,13 @@ def _set(cfg: Config, key: str, raw: Any, where: str) -> None:
         for sub_key, sub_value in raw.items():
             _set(cfg, f"{key}.{sub_key}", sub_value, where)
         return
-    setattr(target, parts[-1], _coerce(key, raw, hint, where))
+    value = _coerce(key, raw, hint, where)
+    if key in PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)  # YAML is not a shell: every reader of the key gets the real path
+    setattr(target, parts[-1], value)
+
+
+PATH_KEYS = ("model", "data", "output")
 
 
 # Keys of earlier versions that no longer do anything: a run folder's saved config.yaml may still hold them.

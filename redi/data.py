@@ -18,7 +18,8 @@ import numpy as np
 from redi.errors import UserError
 from redi.hub import locate
 
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
 @dataclass
@@ -84,13 +85,32 @@ def resolve_sources(data: str, stage: str) -> Path | str:
                 if (p / f"pairs{suffix}").exists():
                     return p / f"pairs{suffix}"  # SFT on the chosen traces when no sft file exists
         raise UserError(f"data folder {p} has no {want}.parquet or {want}.jsonl")
-    return locate(data, "dataset", "data path")
+    found = locate(data, "dataset", "data path")
+    if isinstance(found, Path) and found.suffix == ".parquet":
+        _parquet_file(found)  # a 0-byte or cut file is named now, before a run folder is made
+    return found
+
+
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable parquet file ({' '.join(str(err).split())})") from None
+
+
+def _is_json_file(source) -> bool:
+    return isinstance(source, Path) and source.name.endswith(JSON_SUFFIXES) and source.is_file()
 
 
 def iter_rows(source: Path | str) -> Iterator[tuple[int, Any]]:
     """Yield (row number, row) from any supported source; a bad JSON line yields (n, ValueError)."""
-    if isinstance(source, Path) and source.suffix in (".jsonl", ".json") and source.is_file():
-        with source.open("rb") as fh:  # bytes, so one bad byte is one malformed row, not a crash
+    if _is_json_file(source):
+        import gzip
+
+        opener = gzip.open if source.suffix == ".gz" else open  # .jsonl.gz, as `redi data pair` reads it
+        with opener(source, "rb") as fh:  # bytes, so one bad byte is one malformed row, not a crash
             for n, raw in enumerate(fh, start=1):
                 try:
                     line = raw.decode("utf-8")
@@ -105,13 +125,17 @@ def iter_rows(source: Path | str) -> Iterator[tuple[int, Any]]:
                     yield n, ValueError(f"not valid JSON ({err.msg})")
         return
     if isinstance(source, Path) and source.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         n = 0
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                n += 1
-                yield n, row
+        try:
+            for batch in _parquet_file(source).iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield n, row
+        except (OSError, ValueError, pa.ArrowException) as err:  # a page damaged after the footer
+            raise UserError(f"{source}: cannot read the parquet rows after row {n} "
+                            f"({' '.join(str(err).split())})") from None
         return
     import datasets
 

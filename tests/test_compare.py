@@ -234,3 +234,22 @@ arms:
     assert [(c.neg_weighting_gamma, c.neg_weighting_detached_gamma, c.chosen_coef) for c in configs] == [
         (1.5, 0.0, 0.9), (0.0, 2.0, 1.0), (0.0, 0.0, 1.0)]  # unset keys: the paper's (off, c_w 1)
     assert [c.data for c in configs] == ["grid-data", "grid-data", "elsewhere/pairs"]
+
+
+def test_the_whole_grid_is_checked_before_any_arm_trains(tmp_path):
+    """Issue 22 §5: an unknown objective in arm 2 surfaced only after arm 1 had trained, and the list of
+    objectives in the message left out sft, which compare accepts."""
+    from redi.errors import UserError
+    from redi.experiments.compare import load_compare_config
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"recipe: {TINY}\narms:\n  - {{name: a, objective: sft}}\n  - {{name: b, objective: redo}}\n")
+    with pytest.raises(UserError) as caught:
+        load_compare_config(grid)
+    message = str(caught.value)
+    assert "arm 2 (b): unknown objective 'redo'" in message
+    assert message.endswith("valid objectives: redi, symmetric, dpo, simpo, orpo, sft")
+    grid.write_text(f"recipe: {TINY}\narms:\n  - {{name: a, objective: redi}}\n"
+                    "  - {name: b, objective: dpo, beta: -1}\n")
+    with pytest.raises(UserError, match=r"arm 2 \(b\): config key 'beta' must be positive"):
+        load_compare_config(grid)

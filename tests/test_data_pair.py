@@ -377,7 +377,7 @@ def test_cli_writes_the_folder_and_prints_the_table(tmp_path, capsys):
     ([RAW, "--shuffle-seed", "x"], "error: --shuffle-seed 'x'"),
     ([RAW, "--pairs-per-problem", "-1"], "error: --pairs-per-problem must be >= 0"),
     ([RAW, "--decontaminate", "nowhere.json"], "error: --decontaminate file not found: nowhere.json"),
-    ([RAW, "--tokenizer", "/nonexistent/tok"], "error: cannot load tokenizer /nonexistent/tok"),
+    ([RAW, "--tokenizer", "/nonexistent/tok"], "error: cannot load a tokenizer from /nonexistent/tok"),
     ([BENCH], "error: cannot tell the schema of"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
@@ -396,3 +396,51 @@ def test_python_api_raises_user_error_for_a_missing_column(tmp_path):
                    tmp_path / "x.parquet")
     with pytest.raises(UserError, match="no column 'generations'"):
         pair_dataset(str(tmp_path / "x.parquet"), tmp_path / "out", PairOptions(workers=0))
+
+
+# ------------------------------------------------------------------------------- issue 22: bad input, bounds
+
+
+def test_force_never_replaces_an_input_file(tmp_path, capsys):
+    """Issue 22 §2.1: `data pair F/pairs.jsonl -o F --force` once replaced 50 teacher rows with 20 pairs."""
+    folder = tmp_path / "F"
+    folder.mkdir()
+    data = folder / "pairs.jsonl"
+    data.write_bytes(RAW.read_bytes())
+    # The file by another spelling of its path, and the folder that holds it.
+    for source in (tmp_path / "F" / ".." / "F" / "pairs.jsonl", folder):
+        code = cli(source, "-o", folder, "--force", "--format", "jsonl", "--workers", "0")
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "would replace the input file" in err and "\n" not in err, err
+        assert data.read_bytes() == RAW.read_bytes()
+        assert sorted(p.name for p in folder.iterdir()) == ["pairs.jsonl"]
+
+
+def _enumerated_pairs(correct: list[bool], pairs_per_problem: int) -> list[tuple[int, int]]:
+    """The rule as first written: every chosen-major (correct, not-correct) combination, then the first N."""
+    good = [i for i, ok in enumerate(correct) if ok]
+    bad = [i for i, ok in enumerate(correct) if not ok]
+    pairs = [(c, r) for c in good for r in bad] if good else []
+    return pairs[:pairs_per_problem] if pairs_per_problem > 0 else pairs
+
+
+def test_select_matches_the_enumeration_and_does_not_build_it():
+    """Issue 22 §4: 10,000 traces of one problem built 25M combinations (1.87 GB) to keep one."""
+    import tracemalloc
+
+    from redi.pairing.rules import select
+
+    rng = random.Random(0)
+    for _ in range(300):
+        correct = [rng.random() < rng.random() for _ in range(rng.randrange(0, 12))]
+        for n in (0, 1, 2, 3, 7, 100):
+            assert select(correct, pairs_per_problem=n)[1] == _enumerated_pairs(correct, n)
+    many = [i % 2 == 0 for i in range(3000)]  # 1,500 x 1,500 = 2.25M combinations if enumerated
+    tracemalloc.start()
+    try:
+        sft, pairs = select(many, pairs_per_problem=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sft == [0] and pairs == [(0, 1), (0, 3)]
+    assert peak < 2 << 20, f"select allocated {peak / 2**20:.0f} MiB for 2 pairs"

@@ -302,3 +302,73 @@ def test_cli_bad_line_is_one_line_with_its_number(tmp_path, bad_line, message):
 def test_cli_missing_file(tmp_path):
     out = run_cli("absent.jsonl", cwd=tmp_path)
     assert out.returncode == 2 and "absent.jsonl: cannot read" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------ issue 22 §4: bounded judging
+
+
+_SYSTEM_TIME_PROBE = """
+import os, resource
+from redi.evaluation.workers import _ItemTimeout, _time_limit
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime
+
+start, _ = cpu()
+fd = os.open("/dev/zero", os.O_RDONLY)
+stopped = False
+try:
+    with _time_limit(0.3):
+        while cpu()[0] - start < 4.0:
+            os.read(fd, 4 << 20)
+except _ItemTimeout:
+    stopped = True
+print(stopped, round(cpu()[0] - start, 2))
+"""
+
+
+def test_cpu_limit_counts_system_time():
+    """Page-fault-heavy judging ran 2.5x past the limit: ITIMER_VIRTUAL counts user time only. Reading
+    /dev/zero is almost all kernel time; the limit must still stop it near 0.3 CPU s. In a fresh process, so
+    that no thread left by another test shares the clock."""
+    out = subprocess.run([sys.executable, "-c", _SYSTEM_TIME_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    stopped, used = out.stdout.split()
+    assert stopped == "True", f"ran {used} CPU s under a 0.3 s limit"
+    assert float(used) < 1.5
+
+
+def test_judging_never_runs_in_this_process():
+    """Fewer than 64 distinct pairs, or --workers 0/1, used to judge in the calling process with no memory cap
+    (3.5 GB for one response). Every path now judges in a process with the workers' address-space limit."""
+    import resource
+
+    from redi.evaluation import grading
+
+    before = grading._GOLD_CACHE.copy()
+    for workers in (0, 1, None):
+        assert grade_response(r"\boxed{\frac{1}{2}}", "0.5").correct
+        assert grade_many([r"\boxed{17}"], ["17"], workers=workers)[0].correct
+    assert grading._GOLD_CACHE == before  # this process parsed no gold: the judging happened elsewhere
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY  # and this one is not capped
+
+
+def test_a_judgement_out_of_memory_is_a_timeout_and_no_process_passes_2_5_gb(tmp_path):
+    """`\\boxed{\\operatorname{zeros}(8000,8000)}` took 3.5 GB judged in the main process, and a MemoryError
+    was reported as a plain wrong answer. scripts/hostile_grading_memory.py samples the resident memory of
+    `redi grade`'s whole process tree every 10 ms (and kills it past 5 GB)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "hostile_grading_memory.py")
+    proc = subprocess.run([sys.executable, script, "--workers", "0", "--rows", "zeros", "--limit-gb", "2.5"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rc=0" in proc.stdout and "timeouts=1 " in proc.stdout and " ok" in proc.stdout, proc.stdout
+
+
+def test_the_judging_process_replaces_itself_after_a_death_and_keeps_order():
+    """--workers 0/1 and small batches: one long-lived process; an item that kills it gets the fallback and
+    the next item runs in a fresh one."""
+    from redi.evaluation.workers import run_in_judge_process
+
+    out = run_in_judge_process(_dies_on_two, [(i,) for i in range(5)], hard_limit=30.0, on_hang=-1)
+    assert out == [0, 2, -1, 6, 8]

@@ -70,6 +70,15 @@ def stop_token_ids(tokenizer: Any, model_dir: str | Path | None = None) -> list[
     return sorted(ids)
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refused before any model loads: a negative temperature sampled greedily and a top-p above 1 acted as 1,
+    both recorded as given; top-p 0 failed inside the sampler."""
+    if not temperature >= 0.0:  # also NaN
+        raise UserError(f"--temperature must be 0 (greedy) or more, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top-p must lie in (0, 1], got {top_p}")
+
+
 def vllm_available() -> bool:
     # origin None: a namespace package (any folder named vllm on sys.path), not vLLM.
     spec = importlib.util.find_spec("vllm") if sys.platform.startswith("linux") else None

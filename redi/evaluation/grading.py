@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -25,7 +24,8 @@ from decimal import Decimal
 # Callers (redi eval, data pairing, the demo) read the metrics and the worker pool through this module.
 from redi.evaluation.scores import (pass_at_1, pass_at_k, pass_at_k_unbiased, per_index_accuracies,  # noqa: F401
                                     reported_ks, sem_paper, summarize)
-from redi.evaluation.workers import WORKER_EXTRA_MEMORY, _ItemTimeout, _time_limit, run_in_workers  # noqa: F401
+from redi.evaluation.workers import (WORKER_EXTRA_MEMORY, _ItemTimeout, _time_limit, run_in_judge_process,  # noqa: F401
+                                    run_in_workers)
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _judge(prediction: str, golds: tuple[str, ...], timeout: float | None, whole
                 if verify(_GOLD_CACHE[gold], target, timeout_seconds=None):
                     return True, False, extracted
             return False, False, extracted
-    except _ItemTimeout:
+    except (_ItemTimeout, MemoryError):  # out of CPU time or of the judging process's memory: a timeout
         return False, True, extracted
     except Exception:  # a parser crash on odd LaTeX is a wrong answer, not a failed run
         return False, False, extracted
@@ -155,14 +155,14 @@ def _judge(prediction: str, golds: tuple[str, ...], timeout: float | None, whole
 
 def grade_response(response: str, answer, *, require_boxed: bool = True, require_think: bool = False,
                    timeout: float | None = 5.0, grader: str = "math-verify") -> Verdict:
-    """Grade one response in this process (the per-item time limit needs the main thread); rllm's sympy path
-    still runs in a worker process."""
+    """Grade one response (in the judging process, under the workers' limits)."""
     return grade_many([response], [answer], workers=0, timeout=timeout, require_boxed=require_boxed,
                       require_think=require_think, grader=grader)[0]
 
 
-# Below this many distinct judgements, starting workers (~1 s of imports) costs more than it saves.
-_IN_PROCESS_BELOW = 64
+# Below this many distinct judgements, starting a pool (~1 s of imports) costs more than it saves: they go
+# to the one long-lived judging process instead.
+_IN_ONE_PROCESS_BELOW = 64
 
 
 GRADERS = ("math-verify", "rllm")
@@ -175,9 +175,9 @@ def _judge_rllm(prediction: str, golds: tuple[str, ...], timeout: float | None, 
     try:
         with _time_limit(timeout):
             return rllm_grader.judge(prediction, golds), False, prediction
-    except _ItemTimeout:
+    except (_ItemTimeout, MemoryError):
         return False, True, prediction
-    except (Exception, MemoryError, RecursionError):  # sympy on odd input: a wrong answer, not a failed run
+    except (Exception, RecursionError):  # sympy on odd input: a wrong answer, not a failed run
         return False, False, prediction
 
 
@@ -198,32 +198,31 @@ def _math_verify_task(response: str, answer, require_boxed: bool, require_think:
     return (final, golds, True) if boxed is None else (boxed, golds, False)
 
 
-def _judge_all(judge, items: list[tuple], workers: int | None, timeout: float | None, isolate: bool) -> list:
-    """Judge items in this process or in worker processes. ``isolate``: never in this process (model output
-    reaching ``eval``), except inside a daemonic process, which may not start children (the allow-list and
-    the CPU limit still hold there)."""
+def _judge_all(judge, items: list[tuple], workers: int | None, timeout: float | None) -> list:
+    """Judge items in separate processes with memory and CPU limits: a pool for many on several cores, else
+    the one judging process. Never in this process, except inside a daemonic process, which may not start
+    children (the CPU limit still holds there, and its own parent's limits)."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    on_main = threading.current_thread() is threading.main_thread()
-    in_daemon = multiprocessing.current_process().daemon
-    if isolate and not in_daemon and items:
-        workers = max(1, workers)
-    elif workers <= 1 or in_daemon or (on_main and len(items) < _IN_PROCESS_BELOW):
+    if multiprocessing.current_process().daemon:
         return [judge(*item) for item in items]
     # Wall clock, generous: the CPU limit stops slow judgements, this only catches real hangs and crashes.
     hard_limit = 4 * (timeout or 60.0) + 60.0
+    if workers <= 1 or len(items) < _IN_ONE_PROCESS_BELOW:
+        return run_in_judge_process(judge, items, hard_limit=hard_limit, on_hang=(False, True, None))
     return run_in_workers(judge, items, workers=workers, hard_limit=hard_limit, on_hang=(False, True, None))
 
 
 def grade_many(responses: Sequence[str], answers: Sequence, *, workers: int | None = None,
                timeout: float | None = 5.0, require_boxed: bool = True, require_think: bool = False,
                grader: str = "math-verify") -> list[Verdict]:
-    """Grade many responses; ``workers=None`` uses every core, 0 or 1 grades in this process.
+    """Grade many responses; ``workers=None`` uses every core, 0 or 1 one separate judging process.
 
     ``grader``: "math-verify" (the default everywhere but ``redi eval --template paper``) or "rllm", the
     paper's reward (redi.evaluation.rllm_grader; ``require_boxed``/``require_think`` are then rllm's own
     rules: always). rllm's sympy path only ever runs in worker processes with CPU-time and memory limits.
     Identical (answer, gold) pairs are judged once: samples of one problem often agree, and both graders are
-    deterministic. A judgement that needs more than ``timeout`` CPU seconds counts as wrong (timed_out).
+    deterministic. A judgement that needs more than ``timeout`` CPU seconds (user + system), or more memory
+    than the judging process may hold (WORKER_EXTRA_MEMORY), counts as wrong (timed_out).
     """
     if grader not in GRADERS:
         raise ValueError(f"unknown grader {grader!r}; valid: {', '.join(GRADERS)}")
@@ -251,10 +250,10 @@ def grade_many(responses: Sequence[str], answers: Sequence, *, workers: int | No
             if any(mathd_equal(prediction, gold) for gold in golds):
                 judged[i] = (True, False, prediction)
         rest = [i for i, v in enumerate(judged) if v is None]
-        for i, value in zip(rest, _judge_all(_judge_rllm, [items[i] for i in rest], workers, timeout, True)):
+        for i, value in zip(rest, _judge_all(_judge_rllm, [items[i] for i in rest], workers, timeout)):
             judged[i] = value
     else:
-        judged = _judge_all(_judge, items, workers, timeout, False)
+        judged = _judge_all(_judge, items, workers, timeout)
 
     for key, (correct, timed_out, extracted) in zip(keys, judged):
         # In fallback mode "math-verify found nothing" is the format error; a timeout is just wrong.

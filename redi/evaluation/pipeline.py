@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redi.atomic import recover_jsonl
+from redi.atomic import kill_point, recover_jsonl
 from redi.errors import UserError
 
 EVAL_PROMPT = (
@@ -180,9 +180,23 @@ def _missing_by_count(name: str, problems: list[dict], samples: int, done: set) 
     return groups
 
 
-# Samples per engine call; each call's results are appended before the next starts, so an interrupted run
-# loses at most one call. Large enough that the engine's continuous batching keeps its rows busy.
+# Samples per vLLM call; each call's results are appended (and flushed) before the next starts, so an
+# interrupted run loses at most one call. Large enough that vLLM's continuous batching keeps its rows busy.
+# The native engine's calls are one batch (--batch-size samples): its samples are written batch by batch.
 SAMPLES_PER_CALL = 1024
+
+
+def samples_per_call(engine: Any, s: EvalSettings) -> int:
+    return s.batch_size if getattr(engine, "name", "") == "native" else SAMPLES_PER_CALL
+
+
+def count_samples(samples_path: Path) -> int:
+    """Complete lines in samples.jsonl (what an interrupted run keeps)."""
+    try:
+        with samples_path.open("rb") as fh:
+            return sum(1 for line in fh if line.endswith(b"\n") and line.strip())
+    except OSError:
+        return 0
 
 
 def generate_samples(engine: Any, name: str, problems: list[dict], s: EvalSettings, samples_path: Path,
@@ -197,8 +211,9 @@ def generate_samples(engine: Any, name: str, problems: list[dict], s: EvalSettin
     calls = 0
     with samples_path.open("a", encoding="utf-8") as fh:
         for missing, group in groups.items():
-            per_call = max(1, SAMPLES_PER_CALL // len(missing))
+            per_call = max(1, samples_per_call(engine, s) // len(missing))
             for start in range(0, len(group), per_call):
+                kill_point("eval_call")  # crash tests: what the calls before this one wrote must be there
                 chunk = group[start:start + per_call]
                 prompts = [tokenizer(render_prompt(tokenizer, p["problem"], s), add_special_tokens=False)["input_ids"]
                            for p in chunk]
@@ -245,13 +260,21 @@ def grade_samples(samples_path: Path, s: EvalSettings) -> dict[str, dict]:
 
 def evaluate(model: str, benchmarks: list[str], output: str, settings: EvalSettings, backend_name: str = "",
              *, force: bool = False) -> dict:
-    from redi.evaluation.engines import make_engine, stop_token_ids
+    from redi.evaluation.engines import check_sampling, make_engine, stop_token_ids
     from redi.evaluation.settings import guard_settings
+    from redi.hub import locate
+    from redi.model_dir import check_model_folder
+    from redi.outputs import refuse_overwriting_inputs
     from redi.training.api import load_tokenizer
     from redi.training.loop import make_progress
 
     out = Path(output)
+    check_sampling(settings.temperature, settings.top_p)
     loaded = [load_benchmark(b, settings.limit) for b in benchmarks]
+    refuse_overwriting_inputs([Path(b) for b in benchmarks],
+                              [out / name for name in ("samples.jsonl", "results.json", "settings.json")])
+    locate(model, "model", "--model")
+    check_model_folder(model)  # before guard_settings records it: a bad --model must not claim the folder
     guard_settings(out, settings.recorded(model), force=force)
     tokenizer = load_tokenizer(model)
     engine = make_engine(settings.engine, model, backend=backend_name, tensor_parallel=settings.tensor_parallel,

@@ -24,6 +24,8 @@ from redi.atomic import write_text_atomic
 from redi.config import OBJECTIVE_KEYS, Config, apply_mapping, continued_sft_config, load_config, validate
 from redi.errors import UserError
 from redi.recipes import resolve_recipe
+from redi.model_dir import check_model_folder
+from redi.objectives import PAIR_OBJECTIVES
 from redi.training.guards import CollapseDetector
 from redi.training.metrics import read_metrics
 
@@ -121,8 +123,27 @@ def load_compare_config(path: Path, sets: list[str] | None = None) -> CompareCon
         raise UserError(f"{path}: no arms")
     if len({a.name for a in arms}) != len(arms):
         raise UserError(f"{path}: arm names must be unique")
-    return CompareConfig(recipe, arms, int(raw.get("eval_every", 25)), int(raw.get("seeds", 1)), starts,
-                         dict(raw.get("eval") or {}))
+    cc = CompareConfig(recipe, arms, int(raw.get("eval_every", 25)), int(raw.get("seeds", 1)), starts,
+                       dict(raw.get("eval") or {}))
+    check_grid(cc, path)
+    return cc
+
+
+ARM_OBJECTIVES = (*PAIR_OBJECTIVES, "sft")
+
+
+def check_grid(cc: CompareConfig, path: Path) -> None:
+    """Every arm's config, checked before any arm trains (an unknown objective in arm 3 used to surface only
+    after arms 1 and 2 had trained)."""
+    for i, arm in enumerate(cc.arms):
+        where = f"{path} arm {i + 1} ({arm.name})"
+        if arm.objective not in ARM_OBJECTIVES:
+            raise UserError(f"{where}: unknown objective '{arm.objective}'; valid objectives: "
+                            f"{', '.join(ARM_OBJECTIVES)}")
+        try:
+            arm_config(cc, arm, cc.recipe.seed, cc.recipe.model, cc.recipe.data, Path(cc.recipe.output))
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
 
 
 def _paper_numbers(raw: Any, where: str) -> dict[str, float]:
@@ -292,6 +313,7 @@ def start_models(cc: CompareConfig, out: Path) -> tuple[dict[str, str], str]:
     models = {}
     for start in cc.starts:
         if start.path:
+            check_model_folder(start.path, f"sft_checkpoints.{start.name}")  # a run folder: "did you mean RUN/final?"
             if not Path(start.path, "config.json").exists():
                 raise UserError(f"sft checkpoint {start.path} ({start.name}) is not a model directory (no config.json)")
             models[start.name] = start.path

@@ -135,8 +135,9 @@ class LengthMeter:
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load tokenizer {tokenizer_path}: {first}") from None
+            from redi.model_dir import tokenizer_error
+
+            raise UserError(tokenizer_error(tokenizer_path, err)) from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"tokenizer {tokenizer_path} has no chat_template; the length filter measures with it")
         rust = getattr(self.tokenizer, "backend_tokenizer", None)  # the tokenizers-library object, when fast

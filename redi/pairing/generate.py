@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from redi.errors import UserError
-from redi.evaluation.engines import Completion  # what an engine returns per trace: token_ids, text, finish_reason
+from redi.evaluation.engines import Completion, check_sampling  # Completion: what an engine returns per trace
 
 # open-r1 scripts/generate_reasoning.py, the script behind OpenR1-Math (its --prompt-template default).
 OPENR1_INSTRUCTION = ("You will be given a problem. Please reason step by step, and put your final answer within "
@@ -65,9 +65,7 @@ class GenerateSettings:
     def check(self) -> None:
         if self.samples < 1 or self.max_new_tokens < 1 or self.chunk_problems < 1:
             raise UserError("--samples, --max-new-tokens and --chunk-problems must be at least 1")
-        if not 0.0 < self.top_p <= 1.0 or self.temperature < 0.0:
-            raise UserError(f"--top-p must lie in (0, 1] and --temperature be >= 0, got {self.top_p}, "
-                            f"{self.temperature}")
+        check_sampling(self.temperature, self.top_p)
         if "{problem}" not in self.instruction:
             raise UserError("--instruction must contain {problem}, where the problem text goes")
         if self.grader not in GRADERS:
@@ -297,6 +295,11 @@ def generate_traces(teacher: str, problems_spec: str, output: str | Path, s: Gen
     problems = load_problems(problems_spec, s.id_field, s.limit)
     if not problems:
         raise UserError(f"{problems_spec}: no problems")
+    from redi.evaluation.settings import SETTINGS_FILE
+    from redi.outputs import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([Path(problems_spec).expanduser()],
+                              [out / name for name in (TRACES_FILE, REPORT_FILE, SETTINGS_FILE)])
     out.mkdir(parents=True, exist_ok=True)
     engine_name = s.engine or default_engine()
     guard_settings(out, s.guarded(teacher, problems_spec, engine_name), force=force, data_file=TRACES_FILE)

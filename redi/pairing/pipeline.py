@@ -43,6 +43,7 @@ from redi.pairing.decode import count_range
 from redi.pairing.filters import Histogram
 from redi.pairing.rules import CORRECT_IF, SCHEMAS, Drop, detect_schema, needed_columns, required_columns
 from redi.pairing.sinks import BucketedSink, FileWriter, bucket_count
+from redi.outputs import refuse_overwriting_inputs
 from redi.pairing.sources import open_source
 from redi.pairing.work import (HISTOGRAMS, BatchWorker, CountJob, Layout, ProcessJob, Tally, WorkSpec, init_worker,
                                run_job, run_process, use_system_allocator)
@@ -224,6 +225,7 @@ def pair_dataset(input_spec: str, output: str | Path, options: PairOptions | Non
         what = "a training run" if (out / "metrics.jsonl").exists() else "files"
         raise UserError(f"--output {output} already holds {what}; choose another folder or pass --force to "
                         f"replace sft.*, pairs.* and report.json there")
+    refuse_overwriting_inputs(source.paths, [out / name for name in _output_names()])
     spec = WorkSpec(schema, tuple(needed_columns(schema)), opts.correct_if, tuple(opts.exclude_sources),
                     opts.require_complete, opts.pairs_per_problem, opts.all_positives, opts.tokenizer,
                     opts.max_prompt_tokens, opts.max_response_tokens, tuple(opts.decontaminate), opts.ngram_size)
@@ -238,6 +240,11 @@ def pair_dataset(input_spec: str, output: str | Path, options: PairOptions | Non
             return _run(input_spec, out, opts, source, schema, worker, executor, started, on_progress)
     finally:
         pa.set_memory_pool(previous_pool)
+
+
+def _output_names() -> list[str]:
+    """Every file a run writes or deletes in its --output folder (both formats: the other one is removed)."""
+    return [f"{kind}.{ext}" for kind in ("sft", "pairs") for ext in FORMATS] + ["report.json"]
 
 
 def _run(input_spec, out: Path, opts: PairOptions, source, schema: str, worker: BatchWorker, executor: _Executor,

@@ -14,6 +14,7 @@ the authors' scripts (spec §4.2-§4.4; R `clean_base_shuffled.py`, `clean_base_
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 SCHEMAS = ("openr1-raw", "openr1-220k", "flat")
@@ -231,7 +232,9 @@ def select(correct: list[bool], *, pairs_per_problem: int = 1, all_positives: bo
         return [], []
     bad = [i for i, ok in enumerate(correct) if not ok]
     sft = good if all_positives else good[:1]
-    pairs = [(c, r) for c in good for r in bad]
+    # The first N chosen-major combinations, generated lazily: 10,000 traces of one problem would otherwise
+    # build 25M pairs (~1.9 GB) to keep one.
+    combinations = ((c, r) for c in good for r in bad)
     if pairs_per_problem > 0:
-        pairs = pairs[:pairs_per_problem]
-    return sft, pairs
+        combinations = itertools.islice(combinations, pairs_per_problem)
+    return sft, list(combinations)

@@ -20,6 +20,7 @@ from redi.config import Config, dump, objective_line, resolved_dict, to_dict, va
 from redi.data import Encoder, load_pairs, load_sft, resolve_sources
 from redi.errors import UserError
 from redi.hub import locate
+from redi.model_dir import tokenizer_error
 from redi.training.guards import CollapseDetector, NonFiniteBudget
 from redi.objectives import make_objective
 from redi.training import checkpoint as ckpt
@@ -43,7 +44,7 @@ def load_tokenizer(model_path: str):
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {model_path}: {str(err).splitlines()[0]}") from None
+        raise UserError(tokenizer_error(model_path, err)) from None
 
 
 def _stages(cfg: Config) -> list[str]:

@@ -23,6 +23,7 @@ from redi.data import resolve_sources
 from redi.errors import UserError
 from redi.hub import locate
 from redi.layer_checkpointing import micro_batch_tokens_value
+from redi.model_dir import check_model_folder
 
 
 def warn(message: str) -> None:
@@ -45,6 +46,7 @@ def check_inputs(cfg: Config) -> None:
     """The model and the data must exist before anything is built, imported or written."""
     if not cfg.model.startswith(PREFIX):
         locate(cfg.model, "model", "model path")
+        check_model_folder(cfg.model)
     if not cfg.data.startswith(PREFIX):
         for stage in {"sft": ["sft"], "pairs": ["pairs"]}.get(cfg.stage, ["sft", "pairs"]):
             resolve_sources(cfg.data, stage)
