@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from redi.config import check_memory_options, compile_mode
+from redi.option_checks import check_memory_options, compile_mode
 from redi.data import TokenizedSeq
 from redi.errors import UserError
 from redi.lora import spec_from_config

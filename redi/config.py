@@ -20,8 +20,9 @@ import yaml
 from redi.atomic import write_text_atomic
 from redi.authors_keys import AUTHORS_ALIASES, AUTHORS_SWITCH, set_use_neg_weighting, switch_last
 from redi.errors import UserError
-from redi.layer_checkpointing import checkpointing_mode, micro_batch_tokens_value
+from redi.layer_checkpointing import micro_batch_tokens_value
 from redi.lora import spec_from_config
+from redi.option_checks import check_memory_options, check_precision, compile_mode
 from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES, PAPER_DEFAULTS
 from redi.recipes import resolve_recipe
 
@@ -341,21 +342,6 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def check_precision(precision: str, backend: str) -> None:
-    """``precision`` checked for the config and again by each backend's ``load`` (which may be called directly)."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"config key 'precision' must be auto, fp32 or bf16, got '{precision}'")
-    if precision == "bf16" and backend == "cpu":
-        raise UserError("config key 'precision' is bf16 but the cpu backend computes in fp32; use --backend cuda or mlx")
-
-
-def check_memory_options(activation_checkpointing: str, optim_state_dtype: str) -> None:
-    """The memory keys both backends read, checked for the config and by each backend's constructor."""
-    checkpointing_mode(activation_checkpointing)
-    if optim_state_dtype not in ("fp32", "bf16"):
-        raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{optim_state_dtype}'")
-
-
 def continued_sft_config(cfg: Config) -> Config:
     """The control for extra training: SFT on the pairs' chosen traces with stage 2's exact settings. Same
     examples, seed and batch size, hence the same batches in the same order as the pair run (the core's order
@@ -390,12 +376,3 @@ def resolved_dict(cfg: Config, backend: str = "") -> dict:
 
 def dump(cfg: Config, path: str | Path, backend: str = "") -> None:
     write_text_atomic(path, yaml.safe_dump(resolved_dict(cfg, backend), sort_keys=False), point="config")
-
-
-def compile_mode(value: str | bool) -> str:
-    """``compile`` parsed once for every backend: "false", "true" (every device) or "auto" (each backend
-    compiles where it measured a gain: the torch backend on CUDA, the MLX backend nowhere yet)."""
-    text = str(value).strip().lower()
-    if text in ("false", "true", "auto"):
-        return text
-    raise UserError(f"config key 'compile' must be false, true or auto, got '{value}'")

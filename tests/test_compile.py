@@ -15,7 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from redi.backends.torch_cuda.backend import TorchBackend  # noqa: E402
-from redi.config import apply_overrides, compile_mode, load_config, validate  # noqa: E402
+from redi.config import apply_overrides, load_config, validate
+from redi.option_checks import compile_mode  # noqa: E402
 from redi.errors import UserError  # noqa: E402
 from redi.training.api import train  # noqa: E402
 

@@ -227,6 +227,7 @@ def test_conversational_data_without_chat_template_is_named(tmp_path, tiny_model
 def test_missing_tokenizer_files_are_named(tmp_path):
     model = tmp_path / "empty-model"
     model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')  # a model folder, but no tokenizer files
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
     cfg = _cfg(tmp_path, f"model={model}", f"data={data}")

@@ -20,7 +20,7 @@ from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import AdamW, clip_by_global_norm
 from redi.backend import MicroBatch, apply_options
-from redi.config import check_precision
+from redi.option_checks import check_precision
 from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers, token_budget
 from redi.errors import UserError
 from redi.lora import ADAPTER_DIR, LoraSpec

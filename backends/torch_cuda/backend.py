@@ -26,7 +26,7 @@ from redi.backends.torch_cuda.optim import grad_norm_and_clip, make_adamw, step_
 from redi.backends.torch_cuda.ops import TorchOps
 from redi.backends.torch_cuda.packing import pack
 from redi.backend import MicroBatch, apply_options, edit_model_config, no_weight_decay
-from redi.config import check_precision
+from redi.option_checks import check_precision
 from redi.errors import UserError
 from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers, host_free_bytes, token_budget
 from redi.lora import LoraSpec
