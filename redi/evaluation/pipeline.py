@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from redi.errors import UserError
+from redi.gguf import model_folder
 
 EVAL_PROMPT = (
     "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
@@ -240,6 +241,7 @@ def evaluate(model: str, benchmarks: list[str], output: str, settings: EvalSetti
     out = Path(output)
     loaded = [load_benchmark(b, settings.limit) for b in benchmarks]
     guard_settings(out, settings.recorded(model), force=force)
+    model = model_folder(model)  # a .gguf file: its converted HF folder (settings record the file)
     tokenizer = load_tokenizer(model)
     engine = make_engine(settings.engine, model, backend=backend_name, tensor_parallel=settings.tensor_parallel,
                          data_parallel=settings.data_parallel, seed=settings.seed, tokenizer=tokenizer,

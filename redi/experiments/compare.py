@@ -22,6 +22,7 @@ import yaml
 
 from redi.config import Config, apply_mapping, continued_sft_config, load_config, validate
 from redi.errors import UserError
+from redi.gguf import model_folder
 from redi.training.guards import CollapseDetector
 from redi.training.metrics import read_metrics
 
@@ -292,9 +293,10 @@ def start_models(cc: CompareConfig, out: Path) -> tuple[dict[str, str], str]:
     models = {}
     for start in cc.starts:
         if start.path:
-            if not Path(start.path, "config.json").exists():
+            path = model_folder(start.path)  # a .gguf file: its converted HF folder
+            if not Path(path, "config.json").exists():
                 raise UserError(f"sft checkpoint {start.path} ({start.name}) is not a model directory (no config.json)")
-            models[start.name] = start.path
+            models[start.name] = path
             continue
         sft_dir = out / "sft"
         if not (sft_dir / "final" / "config.json").exists():
