@@ -241,7 +241,7 @@ def _write_weights(reader, config: dict, out: Path) -> Counter:
         if name is None:
             raise UserError(f"GGUF tensor '{tensor.name}' has no place in a {config['architectures'][0]}")
         kinds[tensor.tensor_type.name] += 1
-        weight = _unpermute(dequantize(tensor), tensor.name, config)
+        weight = unpermute_qk(dequantize(tensor), tensor.name, config)
         if size and size + weight.nbytes > SHARD_BYTES:
             shards.append({})
             size = 0
@@ -275,7 +275,7 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _unpermute(weight: np.ndarray, gguf_name: str, config: dict) -> np.ndarray:
+def unpermute_qk(weight: np.ndarray, gguf_name: str, config: dict) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (Llama only): rows were reordered per head so that the rotary
     halves interleave; transformers rotates halves, so the rows go back."""
     if config["model_type"] != "llama" or not (".attn_q." in gguf_name or ".attn_k." in gguf_name):
