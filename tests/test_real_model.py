@@ -142,9 +142,12 @@ def test_torch_and_mlx_losses_and_final_logits_agree(parity_runs, kind):
                  for b in ("cpu", "mlx"))
     assert [r["stage"] for r in want] == [r["stage"] for r in got] == ["sft"] * 3 + ["pairs"] * 3
     for a, b in zip(want, got):
-        # Bound: docs/real-model.md (measured gap after the reduction fixes, with margin).
-        assert b["loss"] == pytest.approx(a["loss"], rel=2e-5, abs=2e-5), (a["stage"], a["step"], a["loss"], b["loss"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+        # Bounds: docs/real-model.md. Measured after the reduction fixes: step 1 within 1e-6 relative (the
+        # issue's 6e-5 before), later steps up to 7e-5 (AdamW's first steps turn rounding-level gradient
+        # differences into lr-sized updates).
+        assert b["loss"] == pytest.approx(a["loss"], rel=3e-4, abs=3e-4), (a["stage"], a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-4)
+    assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-5)  # before any update: the forward alone
     assert want[-1]["update_norm"] > 0  # the weights moved in the last REDI step
     t, m = _hf_logits(str(parity_runs[kind, "cpu"] / "final")), _hf_logits(str(parity_runs[kind, "mlx"] / "final"))
     np.testing.assert_allclose(m, t, atol=2e-3, rtol=0)
@@ -234,7 +237,9 @@ def write_problems(path: Path, n: int = 12) -> Path:
     rows = []
     for i in range(n):
         a, b = (int(x) for x in rng.integers(1, 20, 2))
-        rows.append({"uid": f"p{i}", "problem": f"What is {a} + {b}? Put the answer in \\boxed{{}}.",
+        # SmolLM2-135M almost never boxes an answer it works out (docs/real-model.md), so the prompt quotes the
+        # boxed sum for it to repeat: at T 0.8 some traces do and some drift, which is what pairing needs.
+        rows.append({"uid": f"p{i}", "problem": f"What is {a} + {b}? Reply with exactly this: \\boxed{{{a + b}}}",
                      "answer": str(a + b)})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
