@@ -150,7 +150,7 @@ def test_torch_and_mlx_losses_and_final_logits_agree(parity_runs, kind):
     assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-5)  # before any update: the forward alone
     assert want[-1]["update_norm"] > 0  # the weights moved in the last REDI step
     t, m = _hf_logits(str(parity_runs[kind, "cpu"] / "final")), _hf_logits(str(parity_runs[kind, "mlx"] / "final"))
-    np.testing.assert_allclose(m, t, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(m, t, atol=5e-3, rtol=0)  # measured 1.8e-3 (full) on logits up to 35
     assert np.abs(t - _hf_logits(str(parity_runs[kind, "cpu"] / "sft_final"))).max() > 1e-4  # REDI moved them
 
 
