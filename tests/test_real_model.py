@@ -237,12 +237,27 @@ def write_problems(path: Path, n: int = 12) -> Path:
     rows = []
     for i in range(n):
         a, b = (int(x) for x in rng.integers(1, 20, 2))
-        # SmolLM2-135M almost never boxes an answer it works out (docs/real-model.md), so the prompt quotes the
-        # boxed sum for it to repeat: at T 0.8 some traces do and some drift, which is what pairing needs.
-        rows.append({"uid": f"p{i}", "problem": f"What is {a} + {b}? Reply with exactly this: \\boxed{{{a + b}}}",
-                     "answer": str(a + b)})
+        rows.append({"uid": f"p{i}", "problem": f"What is {a} + {b}?", "answer": str(a + b)})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def relabel_by_last_number(traces: Path, out: Path) -> int:
+    """SmolLM2-135M almost never writes \\boxed{} (0 of 48 traces did, even when the prompt quoted the box), so
+    redi's graders mark every trace a format error. Label each trace instead by its last integer (right when
+    it ended by itself and that integer is the sum) into the flat schema `redi data pair` reads (with flags).
+    Returns the number of pairable problems."""
+    import re
+
+    rows, pairable = [json.loads(x) for x in traces.read_text().splitlines()], 0
+    with out.open("w") as fh:
+        for r in rows:
+            last = [re.findall(r"-?\d+", g)[-1:] for g in r["generations"]]
+            correct = [f == "stop" and n == [r["answer"]] for n, f in zip(last, r["finish_reasons"])]
+            pairable += any(correct) and not all(correct)
+            fh.write(json.dumps({"id": r["problem_id"], "problem": r["problem"], "answer": r["answer"],
+                                 "generations": r["generations"], "correct": correct}) + "\n")
+    return pairable
 
 
 def generate_pair_train(gguf: str, tmp: Path, engine: str, python: str = sys.executable) -> Path:
@@ -253,9 +268,9 @@ def generate_pair_train(gguf: str, tmp: Path, engine: str, python: str = sys.exe
          "--max-new-tokens", "48", "--temperature", "0.8", "--id-field", "uid", "--workers", "0", python=python)
     rows = [json.loads(x) for x in (gen / "traces.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(len(r["generations"]) == 4 for r in rows)
-    report = json.loads((gen / "report.json").read_text())
-    assert report["traces"] == 48 and report["pairable_problems"] >= 1, report
-    redi("data", "pair", str(gen / "traces.jsonl"), "--output", str(paired), "--format", "jsonl", python=python)
+    assert json.loads((gen / "report.json").read_text())["traces"] == 48
+    assert relabel_by_last_number(gen / "traces.jsonl", tmp / "labelled.jsonl") >= 1
+    redi("data", "pair", str(tmp / "labelled.jsonl"), "--output", str(paired), "--format", "jsonl", python=python)
     redi("train", "--stage", "both", "--model", gguf, "--data", str(paired), "--output", str(run), "--max-steps", "2",
          "--backend", "cpu", "--set", "sft.batch_size=2", "--set", "sft.micro_batch_size=2", "--set",
          "pairs.batch_size=1", "--set", "pairs.micro_batch_size=1", python=python)
