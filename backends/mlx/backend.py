@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
 from redi.backends.mlx.generate import generate_batch
-from redi.backends.mlx.optim import AdamW, clip_by_global_norm
+from redi.backends.mlx.optim import AdamW, clip_by_global_norm, norm
 from redi.backend import MicroBatch, apply_options
 from redi.option_checks import check_precision
 from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers, token_budget
@@ -292,10 +292,10 @@ class MLXBackend:
             before = current.pop(name)  # popped, so the old tensor dies once the model lets go of it
             after = self.optimizer.update_one(name, before, grads.pop(name), lr)
             # The paper's collapse signal: the norm of the parameter change this step made.
-            norms.append(mx.sqrt(mx.sum(mx.square(after - before))))
+            norms.append(norm(after - before))
             mx.eval(after, self.optimizer.m[name], self.optimizer.v[name], norms[-1])
             self.model.load_weights([(name, after)], strict=False)  # frees the old tensor as we go
-        update_norm = mx.sqrt(mx.sum(mx.square(mx.stack(norms))))  # as torch: the norm of per-tensor norms
+        update_norm = norm(mx.stack(norms))  # as torch: the norm of per-tensor norms
         return {"grad_norm": float(grad_norm), "update_norm": float(update_norm)}
 
     # ------------------------------------------------------------------ generation

@@ -18,6 +18,27 @@ import numpy as np
 
 ROUND = 32
 KEEP_LOGITS_BYTES = 256 << 20  # fp32 [tokens x vocab] logits autograd may keep instead of recomputing chunks
+# MLX's CPU reductions add a whole axis into one running fp32 sum: over a 49k vocabulary the small exp terms
+# round away and logsumexp comes out low, so every log-prob was ~1e-4 nats high on SmolLM2 (torch: ~1e-8;
+# docs/real-model.md). Summing blocks of this many first, then the block sums, keeps it to ~1e-6.
+BLOCK = 256
+
+
+def blocked_sum(x: mx.array) -> mx.array:
+    """Sum over the last axis in levels of at most ``BLOCK`` terms (a radix-256 pairwise sum): the accuracy
+    torch's cascade sum has, where MLX's CPU ``sum`` accumulates the whole axis sequentially."""
+    while x.shape[-1] > BLOCK:
+        pad = (-x.shape[-1]) % BLOCK
+        if pad:
+            x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+        x = x.reshape(*x.shape[:-1], -1, BLOCK).sum(axis=-1)
+    return x.sum(axis=-1)
+
+
+def logsumexp(logits: mx.array) -> mx.array:
+    """``mx.logsumexp`` over the last axis with ``blocked_sum`` (same value and gradient, softmax)."""
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    return mx.log(blocked_sum(mx.exp(logits - top))) + top[..., 0]
 
 
 @dataclass
@@ -66,7 +87,7 @@ def _chunk_logps(head: nn.Module, method: str, targets: mx.array):
         # Logits in the compute dtype (bf16 on the option), log-softmax in fp32 as torch autocast does.
         logits = project(h).astype(mx.float32)
         picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-        return picked - mx.logsumexp(logits, axis=-1)
+        return picked - logsumexp(logits)
 
     return chunk_logps
 

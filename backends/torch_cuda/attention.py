@@ -115,9 +115,23 @@ def per_document_attention(q, k, v, mask: DocumentMask, scale: float | None) -> 
     return out
 
 
+# The document mask of the packed forward in progress. Qwen2Model hands each layer its entry of the mask mapping;
+# LlamaModel (transformers 5.25) runs create_causal_mask, which returns None for an attention implementation it
+# does not know, and its layers then attended across documents (SmolLM2: up to 12 nats; docs/real-model.md).
+_ACTIVE_MASK: DocumentMask | BlockMask | None = None
+
+
+def use_document_mask(mask) -> None:
+    """The mask ``packed_attention`` applies when a decoder passes none (until ``packed_attention_mode`` ends)."""
+    global _ACTIVE_MASK
+    _ACTIVE_MASK = mask
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs):
     """transformers' attention-interface signature; returns ([B, T, Hq, D], None)."""
+    if attention_mask is None:
+        attention_mask = _ACTIVE_MASK
     if isinstance(attention_mask, DocumentMask):
         out = per_document_attention(query, key, value, attention_mask, scaling)
     elif BlockMask is not None and isinstance(attention_mask, BlockMask):
@@ -153,6 +167,7 @@ def packed_attention_mode(model):
         yield
     finally:
         config._attn_implementation = before
+        use_document_mask(None)
 
 
 def layer_mask_mapping(config, mask) -> dict:

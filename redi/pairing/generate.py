@@ -31,6 +31,7 @@ from typing import Any
 
 from redi.errors import UserError
 from redi.evaluation.engines import Completion, check_sampling  # Completion: what an engine returns per trace
+from redi.gguf import model_folder
 
 # open-r1 scripts/generate_reasoning.py, the script behind OpenR1-Math (its --prompt-template default).
 OPENR1_INSTRUCTION = ("You will be given a problem. Please reason step by step, and put your final answer within "
@@ -307,11 +308,12 @@ def generate_traces(teacher: str, problems_spec: str, output: str | Path, s: Gen
     done = read_done(traces_path)
     timing = None
     if any(str(p["id"]) not in done for p in problems):
-        tokenizer = engine.tokenizer if engine is not None else load_tokenizer(teacher)
+        teacher_dir = model_folder(teacher)  # a .gguf file: its converted HF folder
+        tokenizer = engine.tokenizer if engine is not None else load_tokenizer(teacher_dir)
         if engine is None:
-            engine = make_engine(engine_name, teacher, backend=s.backend, seed=s.seed, tokenizer=tokenizer)
+            engine = make_engine(engine_name, teacher_dir, backend=s.backend, seed=s.seed, tokenizer=tokenizer)
         timing = _run_chunks(engine, tokenizer, problems, done, s, traces_path,
-                             stop_token_ids(tokenizer, teacher), on_chunk)
+                             stop_token_ids(tokenizer, teacher_dir), on_chunk)
     wanted = {str(p["id"]) for p in problems}
     rows = [row for key, row in read_done(traces_path).items() if key in wanted]
     report = build_report(rows, s.samples, timing)
