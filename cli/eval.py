@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from redi.errors import Interrupted, UserError
+        from redi.evaluation.advice import eval_advice
         from redi.evaluation.engines import ENGINES
         from redi.evaluation.grading import GRADERS
         from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, evaluate
@@ -74,4 +75,7 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             raise Interrupted(f"samples so far are in {output}/samples.jsonl; the same command resumes from them") from None
         Console().print(results_table(results, f"redi eval: {model}"))
+        advice = eval_advice(results, settings)
+        if advice:
+            typer.echo(advice)  # one line, unwrapped: the reason behind a table of format errors
         typer.echo(f"samples: {output}/samples.jsonl  results: {output}/results.json")
