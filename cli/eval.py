@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         output: str = typer.Option("eval", "--output", help="Folder for samples.jsonl, results.json and settings.json."),
         engine: Optional[str] = typer.Option(None, "--engine", help="vllm | native (default: native when --backend is given, else vllm when installed, else native)."),
         backend: str = typer.Option("", "--backend", help="The native engine's backend: cpu | cuda | mlx (default: as redi train)."),
-        grader: Optional[str] = typer.Option(None, "--grader", help="rllm (the paper's) | math-verify (default: rllm with --template paper, else math-verify)."),
+        grader: Optional[str] = typer.Option(None, "--grader", help="rllm (the paper's) | math-verify | math-verify-unboxed (an answer without \\boxed{} is read from the final text) (default: rllm with --template paper, else math-verify)."),
         tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model copy."),
         data_parallel: int = typer.Option(1, "--data-parallel", help="vLLM: model copies."),
         samples: int = typer.Option(16, "--samples", help="Samples per problem."),

@@ -44,11 +44,18 @@ def test_eval_explains_a_model_that_does_not_think(tmp_path, capsys, im_end_mode
     notes, results = _notes(capsys, im_end_model_dir, bench, tmp_path / "mv", "--no-force-think",
                             "--grader", "math-verify")
     assert results["missing_think"] == 6 and results["format_errors"] == 6
-    assert notes == ["note: 100% of samples give no answer the grader can read (it takes the last \\boxed{}); "
-                     "the model ignores the paper's instruction to write one."]
+    assert notes == ["note: 100% of samples give no answer the grader can read; math-verify reads only the last "
+                     "\\boxed{} (the model ignores the paper's instruction to write one); --grader "
+                     "math-verify-unboxed reads the final text."]
     notes, _ = _notes(capsys, im_end_model_dir, bench, tmp_path / "raw", "--no-force-think", "--template", "raw")
-    assert notes == ["note: 100% of samples give no answer the grader can read (it takes the last \\boxed{}); "
-                     "--template paper asks the model for one."]
+    assert notes == ["note: 100% of samples give no answer the grader can read; math-verify reads only the last "
+                     "\\boxed{} (--template paper asks the model for one); --grader math-verify-unboxed reads the "
+                     "final text."]
+    # An empty response holds no answer for math-verify either.
+    notes, _ = _notes(capsys, im_end_model_dir, bench, tmp_path / "unboxed", "--no-force-think", "--grader",
+                      "math-verify-unboxed")
+    assert notes == ["note: 100% of samples give no answer the grader can read; math-verify found no answer in "
+                     "their final text either."]
 
 
 def _result(samples: int, missing: int, format_errors: int) -> dict:
@@ -67,3 +74,18 @@ def test_advice_threshold_is_ninety_percent_of_all_samples():
     free = EvalSettings(force_think=False, grader="math-verify")
     assert eval_advice({"a": _result(10, 10, 0)}, free) is None
     assert "95% of samples give no answer" in eval_advice({"a": _result(20, 20, 19)}, free)
+
+
+def test_unboxed_grader_reads_the_final_text_of_a_model_that_never_boxes():
+    from redi.evaluation.grading import grade_many
+
+    # SmolLM2-135M-Instruct's own greedy answers to two word problems (one right, one wrong).
+    responses = ["Anna has 5 books and 8 more, so she has a total of 5 + 8 = 13 books.",
+                 "Tom has 10 - 5 = 7 pencils left.", "The answer is \\boxed{4}. Or 5."]
+    golds = ["13", "5", "4"]
+    boxed = grade_many(responses, golds, workers=0, grader="math-verify")
+    assert [(v.correct, v.format_error) for v in boxed] == [(False, True), (False, True), (True, False)]
+    unboxed = grade_many(responses, golds, workers=0, grader="math-verify-unboxed")
+    # The last number is the answer; a boxed one still wins over the text after it.
+    assert [(v.correct, v.format_error, v.extracted) for v in unboxed] == [
+        (True, False, "13"), (False, False, "7"), (True, False, "4")]
