@@ -137,7 +137,7 @@ def generate(
     samples: int = typer.Option(4, "--samples", help="Traces per problem (open-r1's default: 4)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="vllm | native (default: vllm when it imports)."),
     backend: str = typer.Option("", "--backend", help="Native engine's backend: cpu | cuda | mlx (default as redi train)."),
-    grader: str = typer.Option("math-verify", "--grader", help="math-verify | rllm."),
+    grader: str = typer.Option("math-verify", "--grader", help="math-verify | rllm | math-verify-unboxed (an answer without \\boxed{} is read from the final text)."),
     temperature: float = typer.Option(0.6, "--temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),
     max_new_tokens: int = typer.Option(16384, "--max-new-tokens"),

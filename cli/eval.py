@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         output: str = typer.Option("eval", "--output", help="Folder for samples.jsonl, results.json and settings.json."),
         engine: Optional[str] = typer.Option(None, "--engine", help="vllm | native (default: native when --backend is given, else vllm when installed, else native)."),
         backend: str = typer.Option("", "--backend", help="The native engine's backend: cpu | cuda | mlx (default: as redi train)."),
-        grader: Optional[str] = typer.Option(None, "--grader", help="rllm (the paper's) | math-verify (default: rllm with --template paper, else math-verify)."),
+        grader: Optional[str] = typer.Option(None, "--grader", help="rllm (the paper's) | math-verify | math-verify-unboxed (an answer without \\boxed{} is read from the final text) (default: rllm with --template paper, else math-verify)."),
         tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="vLLM: GPUs per model copy."),
         data_parallel: int = typer.Option(1, "--data-parallel", help="vLLM: model copies."),
         samples: int = typer.Option(16, "--samples", help="Samples per problem."),
@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from redi.errors import Interrupted, UserError
+        from redi.evaluation.advice import eval_advice
         from redi.evaluation.engines import ENGINES
         from redi.evaluation.grading import GRADERS
         from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, count_samples, evaluate
@@ -95,4 +96,7 @@ def register(app: typer.Typer) -> None:
             raise Interrupted(f"{kept} sample{'' if kept == 1 else 's'} so far are in {output}/samples.jsonl; "
                               "the same command resumes from them") from None
         Console().print(results_table(results, f"redi eval: {model}"))
+        advice = eval_advice(results, settings)
+        if advice:
+            typer.echo(advice)  # one line, unwrapped: the reason behind a table of format errors
         typer.echo(f"samples: {output}/samples.jsonl  results: {output}/results.json")

@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(5.0, "--timeout", help="CPU seconds per judgement; a timeout counts wrong."),
         grader: str = typer.Option("math-verify", "--grader",
                                    help="math-verify | rllm (the paper's reward: no </think> or no \\boxed{} is a "
-                                        "format error, whatever the two flags above say)."),
+                                        "format error, whatever the two flags above say) | math-verify-unboxed "
+                                        "(math-verify with --no-require-boxed)."),
     ) -> None:
         """Grade responses (math-verify or the paper's rllm reward): pass@1 ± SEM, pass@k and format errors."""
         from redi.evaluation.grading import GRADERS, grade_file

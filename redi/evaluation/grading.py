@@ -165,7 +165,10 @@ def grade_response(response: str, answer, *, require_boxed: bool = True, require
 _IN_ONE_PROCESS_BELOW = 64
 
 
-GRADERS = ("math-verify", "rllm")
+# math-verify-unboxed: math-verify, but a response without \boxed{} is graded on its final text (math-verify finds
+# the answer itself) instead of being a format error: for models that never box (SmolLM2-135M-Instruct).
+UNBOXED = "math-verify-unboxed"
+GRADERS = ("math-verify", "rllm", UNBOXED)
 
 
 def _judge_rllm(prediction: str, golds: tuple[str, ...], timeout: float | None, _whole_text: bool):
@@ -217,7 +220,8 @@ def grade_many(responses: Sequence[str], answers: Sequence, *, workers: int | No
                grader: str = "math-verify") -> list[Verdict]:
     """Grade many responses; ``workers=None`` uses every core, 0 or 1 one separate judging process.
 
-    ``grader``: "math-verify" (the default everywhere but ``redi eval --template paper``) or "rllm", the
+    ``grader``: "math-verify" (the default everywhere but ``redi eval --template paper``), UNBOXED (math-verify
+    with ``require_boxed=False``) or "rllm", the
     paper's reward (redi.evaluation.rllm_grader; ``require_boxed``/``require_think`` are then rllm's own
     rules: always). rllm's sympy path only ever runs in worker processes with CPU-time and memory limits.
     Identical (answer, gold) pairs are judged once: samples of one problem often agree, and both graders are
@@ -226,6 +230,8 @@ def grade_many(responses: Sequence[str], answers: Sequence, *, workers: int | No
     """
     if grader not in GRADERS:
         raise ValueError(f"unknown grader {grader!r}; valid: {', '.join(GRADERS)}")
+    if grader == UNBOXED:
+        grader, require_boxed = "math-verify", False
     if len(responses) != len(answers):
         raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
     verdicts: list[Verdict | None] = [None] * len(responses)

@@ -235,6 +235,7 @@ def generate_samples(engine: Any, name: str, problems: list[dict], s: EvalSettin
 
 def grade_samples(samples_path: Path, s: EvalSettings) -> dict[str, dict]:
     """Grade samples.jsonl in place (adds verdicts) and return per-benchmark metrics."""
+    from redi.evaluation.advice import missing_think
     from redi.evaluation.grading import grade_many, summarize
 
     rows = [json.loads(x) for x in samples_path.read_text().splitlines() if x.strip()]
@@ -252,6 +253,7 @@ def grade_samples(samples_path: Path, s: EvalSettings) -> dict[str, dict]:
         summary["mean_response_tokens"] = sum(x["tokens"] for x in flat) / len(flat)
         summary["truncation_rate"] = sum(x["finish_reason"] == "length" for x in flat) / len(flat)
         summary["grader"] = s.grader_name
+        summary["missing_think"] = missing_think([x["response"] for x in flat])  # for redi.evaluation.advice
         results[bench] = summary
     tmp = samples_path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

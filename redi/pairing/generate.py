@@ -31,6 +31,7 @@ from typing import Any
 
 from redi.errors import UserError
 from redi.evaluation.engines import Completion, check_sampling  # Completion: what an engine returns per trace
+from redi.evaluation.grading import GRADERS
 from redi.gguf import model_folder
 
 # open-r1 scripts/generate_reasoning.py, the script behind OpenR1-Math (its --prompt-template default).
@@ -39,7 +40,6 @@ OPENR1_INSTRUCTION = ("You will be given a problem. Please reason step by step, 
 THINK_OPEN = "<think>\n"
 TRACES_FILE = "traces.jsonl"
 REPORT_FILE = "report.json"
-GRADERS = ("math-verify", "rllm")
 # Per-trace verdicts; only "correct" counts as correct.
 VERDICTS = ("correct", "wrong", "truncated", "format_error", "timeout")
 
