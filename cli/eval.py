@@ -38,6 +38,35 @@ def print_plan(benchmarks: List[str], settings) -> None:
                f"{settings.max_new_tokens} new tokens, grader {settings.grader_name}, template {settings.template}")
 
 
+def check_choices(template: str, engine: Optional[str], grader: Optional[str], samples: int, max_new_tokens: int,
+                  batch_size: int) -> None:
+    """The options with a fixed set of values or a floor, refused before anything loads."""
+    from redi.errors import UserError
+    from redi.evaluation.engines import ENGINES
+    from redi.evaluation.grading import GRADERS
+
+    if template not in ("paper", "raw"):
+        raise UserError(f"--template must be paper or raw, got '{template}'")
+    if engine is not None and engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if grader is not None and grader not in GRADERS:
+        raise UserError(f"--grader must be one of {', '.join(GRADERS)}, got '{grader}'")
+    if samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise UserError("--samples, --max-new-tokens and --batch-size must be at least 1")
+
+
+def print_results(results: dict, settings, model: str, output: str) -> None:
+    from rich.console import Console
+
+    from redi.evaluation.advice import eval_advice
+
+    Console().print(results_table(results, f"redi eval: {model}"))
+    advice = eval_advice(results, settings)
+    if advice:
+        typer.echo(advice)  # one line, unwrapped: the reason behind a table of format errors
+    typer.echo(f"samples: {output}/samples.jsonl  results: {output}/results.json")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -65,22 +94,10 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the benchmarks and print the plan; load no model, write nothing."),
     ) -> None:
         """Pass@1 over N samples with the paper's SEM, pass@k, mean length and truncation rate."""
-        from rich.console import Console
-
         from redi.errors import Interrupted, UserError
-        from redi.evaluation.advice import eval_advice
-        from redi.evaluation.engines import ENGINES
-        from redi.evaluation.grading import GRADERS
         from redi.evaluation.pipeline import QWEN_MATH_SYSTEM, EvalSettings, count_samples, evaluate
 
-        if template not in ("paper", "raw"):
-            raise UserError(f"--template must be paper or raw, got '{template}'")
-        if engine is not None and engine not in ENGINES:
-            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
-        if grader is not None and grader not in GRADERS:
-            raise UserError(f"--grader must be one of {', '.join(GRADERS)}, got '{grader}'")
-        if samples < 1 or max_new_tokens < 1 or batch_size < 1:
-            raise UserError("--samples, --max-new-tokens and --batch-size must be at least 1")
+        check_choices(template, engine, grader, samples, max_new_tokens, batch_size)
         settings = EvalSettings(samples, temperature, top_p, max_new_tokens, force_think,
                                 None if no_system_prompt else (system_prompt or QWEN_MATH_SYSTEM), template, seed,
                                 batch_size, workers, limit, grader, engine, tensor_parallel, data_parallel)
@@ -95,8 +112,4 @@ def register(app: typer.Typer) -> None:
             kept = count_samples(Path(output) / "samples.jsonl")
             raise Interrupted(f"{kept} sample{'' if kept == 1 else 's'} so far are in {output}/samples.jsonl; "
                               "the same command resumes from them") from None
-        Console().print(results_table(results, f"redi eval: {model}"))
-        advice = eval_advice(results, settings)
-        if advice:
-            typer.echo(advice)  # one line, unwrapped: the reason behind a table of format errors
-        typer.echo(f"samples: {output}/samples.jsonl  results: {output}/results.json")
+        print_results(results, settings, model, output)
