@@ -9,6 +9,7 @@ import re
 from typing import Callable
 
 from redi.errors import UserError
+from redi.procfs import proc_kib_bytes
 
 
 def checkpointing_mode(mode: str | int) -> tuple[str, float | None]:
@@ -85,13 +86,9 @@ def host_free_bytes(static_bytes: float) -> float:
 
 def host_available_bytes() -> float:
     """Memory the OS could give this process now: MemAvailable on Linux, psutil where installed, else half the RAM."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_kib_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return float(available)
     try:
         import psutil
 

@@ -16,6 +16,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from redi.procfs import proc_kib_bytes
+
 
 class _ItemTimeout(BaseException):
     # BaseException on purpose: math-verify and sympy catch Exception broadly and would otherwise swallow the
@@ -80,14 +82,7 @@ def _limit_memory(extra: int) -> None:
 
 def _vm_peak() -> int:
     """This process's peak address-space size in bytes (Linux), 0 where unknown."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmPeak:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_kib_bytes("/proc/self/status", "VmPeak") or 0
 
 
 def _judged(item_fn, args: tuple, on_memory) -> tuple[object, bool]:
