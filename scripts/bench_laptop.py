@@ -11,7 +11,8 @@ CPU): the core's micro-batches, ``forward_backward`` each, ``optimizer_step``. T
 - ``trl-simpo``: TRL's CPOTrainer with ``loss_type=simpo, cpo_alpha=0`` against our ``objective simpo``;
 - ``mlx-lm-full`` / ``mlx-lm-lora``: mlx-lm's own ``tuner.trainer.train`` loop (what ``mlx_lm.lora`` runs),
   every layer trained (``--fine-tune-type full``, ``--num-layers -1``) or rank-``--lora-rank`` LoRA on all seven
-  linears of every layer (ours: the same adapters), AdamW.
+  linears of every layer (ours: the same adapters), AdamW. ``mlx_lm.lora`` leaves the embeddings (and a tied LM
+  head) and the final norm frozen; ``mlx-lm-all`` is the same loop with every weight trained, as redi does.
 
 Steps alternate (one ours, one theirs); TRL's and mlx-lm's loops run ours from inside their own (a callback,
 the batch iterator) and their step time is the wall time between two of their steps less ours. Each side:
@@ -50,7 +51,7 @@ from redi.data import Encoder, TokenizedPair, TokenizedSeq  # noqa: E402
 from redi.objectives import make_objective  # noqa: E402
 from redi.training.loop import StageRun, _accumulate, resolve_token_budget  # noqa: E402
 
-AGAINST = {"cpu": ("transformers", "trl-sft", "trl-sft-pf", "trl-simpo"), "mlx": ("mlx-lm-full", "mlx-lm-lora")}
+AGAINST = {"cpu": ("transformers", "trl-sft", "trl-sft-pf", "trl-simpo"), "mlx": ("mlx-lm-full", "mlx-lm-all", "mlx-lm-lora")}
 WORDS = ("the of and to in is was that for on as with by at from his her an which or be are this had not but "
          "what all were when we there can number seven sum prove answer step then so because first").split()
 LR = 1e-5
@@ -266,6 +267,9 @@ def run_mlx_lm(kind: str, model_path: str, steps: list, ours: Ours, mine: Timer,
         for layer in model.layers:
             layer.unfreeze()
         setting = "--fine-tune-type full --num-layers -1 (embeddings frozen, as mlx_lm.lora)"
+    elif kind == "mlx-lm-all":  # the same loop with every weight trainable: the work redi's step does
+        model.unfreeze()
+        setting = "its full fine-tune loop with every weight trained (embeddings and final norm too)"
     else:
         keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                 "mlp.up_proj", "mlp.down_proj"]

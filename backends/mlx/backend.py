@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
 from redi.backends.mlx.generate import generate_batch
-from redi.backends.mlx.optim import AdamW, clip_by_global_norm, norm
+from redi.backends.mlx.optim import GROUP_ELEMENTS, AdamW, clip_coefficient, global_norm, norm, spread, streams
+from redi.training.batching import token_groups
 from redi.backend import MicroBatch, apply_options
 from redi.option_checks import check_precision
 from redi.layer_checkpointing import checkpointing_mode, fixed_checkpoint_layers, token_budget
@@ -280,22 +281,29 @@ class MLXBackend:
     def optimizer_step(self, lr: float, max_grad_norm: float) -> dict[str, float]:
         if self._grads is None:
             raise RuntimeError("optimizer_step before any forward_backward")
-        grads, grad_norm = clip_by_global_norm(self._grads, max_grad_norm)
-        self._grads = None
+        grads, self._grads = self._grads, None
+        grad_norm = global_norm(list(grads.values()))
         mx.eval(grad_norm)
         if not np.isfinite(float(grad_norm)):
             return {"grad_norm": float(grad_norm), "update_norm": float("nan"), "skipped": 1.0}
+        coef = clip_coefficient(grad_norm, max_grad_norm)
         self.optimizer.begin_step()
-        norms = []
         current = self._trainable()
-        for name in list(current):
-            before = current.pop(name)  # popped, so the old tensor dies once the model lets go of it
-            after = self.optimizer.update_one(name, before, grads.pop(name), lr)
-            # The paper's collapse signal: the norm of the parameter change this step made.
-            norms.append(norm(after - before))
-            mx.eval(after, self.optimizer.m[name], self.optimizer.v[name], norms[-1])
-            self.model.load_weights([(name, after)], strict=False)  # frees the old tensor as we go
-        update_norm = norm(mx.stack(norms))  # as torch: the norm of per-tensor norms
+        names, lanes = list(current), streams()
+        changes = []
+        for group in token_groups([current[n].size for n in names], GROUP_ELEMENTS):
+            updated = []
+            for k, lane in zip(group, spread([current[names[k]].size for k in group], len(lanes))):
+                with mx.stream(lanes[lane]):  # popped: the old tensors die once the model lets go of them
+                    after, change = self.optimizer.update_one(names[k], current.pop(names[k]), grads.pop(names[k]),
+                                                              lr, coef)
+                updated.append((names[k], after))
+                changes.append(change)
+            mx.eval([a for _, a in updated], [self.optimizer.m[n] for n, _ in updated],
+                    [self.optimizer.v[n] for n, _ in updated], changes[-len(updated):])
+            self.model.load_weights(updated, strict=False)  # frees the old tensors as we go
+        # as torch: the norm of the per-tensor norms
+        update_norm = norm(mx.stack([mx.sqrt(c) for c in changes]))
         return {"grad_norm": float(grad_norm), "update_norm": float(update_norm)}
 
     # ------------------------------------------------------------------ generation
