@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from redi.option_checks import check_memory_options, compile_mode
+from redi.option_checks import check_memory_options, compile_mode, packing_mode
 from redi.data import TokenizedSeq
 from redi.errors import UserError
 from redi.lora import spec_from_config
@@ -182,7 +182,7 @@ def default_backend() -> str:
 
 def apply_options(target: Any, options: dict[str, Any], backend: str) -> None:
     """Set the fields of a backend's options dataclass from its constructor's keyword arguments, refusing keys it
-    does not have; the memory keys are checked and ``compile`` parsed as the config does."""
+    does not have; the memory keys are checked and ``compile`` and ``packing`` parsed as the config does."""
     fields = {f.name for f in dataclasses.fields(target)}
     for key, value in options.items():
         if key not in fields:
@@ -190,6 +190,7 @@ def apply_options(target: Any, options: dict[str, Any], backend: str) -> None:
         setattr(target, key, value)
     check_memory_options(target.activation_checkpointing, target.optim_state_dtype)
     target.compile = compile_mode(target.compile)
+    target.packing = packing_mode(target.packing)
 
 
 def record_drawn(drawn: Sequence[int], ids: list, tokens: list[list[int]], fresh: int, stops,

@@ -22,7 +22,7 @@ from redi.authors_keys import AUTHORS_ALIASES, AUTHORS_SWITCH, set_use_neg_weigh
 from redi.errors import UserError
 from redi.layer_checkpointing import micro_batch_tokens_value
 from redi.lora import spec_from_config
-from redi.option_checks import check_memory_options, check_precision, compile_mode
+from redi.option_checks import check_memory_options, check_precision, compile_mode, packing_mode
 from redi.objectives import OBJECTIVE_PARAMS, PAIR_OBJECTIVES, PAPER_DEFAULTS
 from redi.recipes import resolve_recipe
 
@@ -95,7 +95,7 @@ class Config:
     wandb_project: str = "redi"
     wandb_run_name: str = ""  # empty: the output folder's name
     # Backend speed and memory (docs/cuda.md, docs/mlx.md); which backend reads which: redi.backend.OPTION_KEYS.
-    packing: bool = True  # padding-free rows with a document mask (false: right-padded batches)
+    packing: str = "auto"  # true | false | auto (CUDA and torchrun: padding-free rows with a document mask; CPU: padded)
     activation_checkpointing: str = "auto"  # none | full | N (layers) | auto | auto:GB (a memory cap, CUDA)
     compile: str = "false"  # false | true | auto (on where measured to pay: CUDA); FlexAttention compiles regardless
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's fused AdamW) or bf16 (4 bytes/param less)
@@ -309,6 +309,7 @@ def validate(cfg: Config) -> Config:
         print(f"warning: alpha={cfg.alpha} is outside [0, 1], the range the paper studies", file=sys.stderr)
     check_memory_options(cfg.activation_checkpointing, cfg.optim_state_dtype)
     compile_mode(cfg.compile)
+    packing_mode(cfg.packing)
     if cfg.collapse_window < 1:
         raise UserError(f"config key 'collapse_window' must be at least 1, got {cfg.collapse_window}")
     for name in ("sft", "pairs"):

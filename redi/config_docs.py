@@ -62,7 +62,8 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "report_to": ("trackers fed each step's metrics besides metrics.jsonl: tensorboard, wandb", ALL),
     "wandb_project": ("W&B project (report_to: wandb)", ALL),
     "wandb_run_name": ("W&B run name; empty: the output folder's name", ALL),
-    "packing": ("padding-free rows with a document mask; false: right-padded batches (MLX: always padded)", ALL),
+    "packing": ("true: padding-free rows with a document mask; false: right-padded batches; auto: packed on CUDA and "
+                "under torchrun, padded on a CPU (faster there, docs/speed.md); MLX always pads", ALL),
     "activation_checkpointing": ("none | full | N (layers) | auto | auto:GB (a memory cap)", ALL),
     "compile": ("false | true | auto: torch.compile the decoder layers (auto: CUDA) / mx.compile (MLX: true); "
                 "eager, with one warning line, if compiling fails", ALL),

@@ -21,6 +21,15 @@ def check_memory_options(activation_checkpointing: str, optim_state_dtype: str) 
         raise UserError(f"config key 'optim_state_dtype' must be fp32 or bf16, got '{optim_state_dtype}'")
 
 
+def packing_mode(value: str | bool) -> str:
+    """``packing`` parsed once for every backend: "true", "false" or "auto" (the torch backend packs on CUDA
+    and under torchrun, and pads on a CPU, where its per-document attention measured slower; MLX always pads)."""
+    text = str(value).strip().lower()
+    if text in ("false", "true", "auto"):
+        return text
+    raise UserError(f"config key 'packing' must be true, false or auto, got '{value}'")
+
+
 def compile_mode(value: str | bool) -> str:
     """``compile`` parsed once for every backend: "false", "true" (every device) or "auto" (each backend
     compiles where it measured a gain: the torch backend on CUDA, the MLX backend nowhere yet)."""

@@ -109,7 +109,7 @@ def test_config_options_reach_the_backend_through_its_constructor(name):
     assert options["lora"] is None
     backend = make_backend(name, 0, **options)
     assert (backend.options.activation_checkpointing, backend.options.optim_state_dtype) == ("1", "bf16")
-    assert backend.options.compile in (True, "true") and backend.options.packing is False
+    assert backend.options.compile in (True, "true") and backend.options.packing in (False, "false")
 
 
 @pytest.mark.parametrize("name", ["cpu", "mlx"])
@@ -130,3 +130,19 @@ def test_no_probe_on_a_backend_in_the_core():
     hits = [f"{path.relative_to(ROOT)}:{i}" for path in (ROOT / "redi").rglob("*.py")
             for i, line in enumerate(path.read_text().splitlines(), 1) if probe.search(line)]
     assert hits == []
+
+
+@pytest.mark.parametrize(("value", "packed"), [("auto", False), ("true", True), (False, False), ("false", False)])
+def test_packing_auto_pads_on_the_cpu(value, packed):
+    """auto: the CPU runs padded batches (its per-document attention measured slower; docs/speed.md)."""
+    pytest.importorskip("torch")
+    backend = make_backend("cpu", 0, **backend_options(Config(packing=value), "cpu"))
+    assert backend.options.packing is packed and backend.pads_micro_batches is not packed
+
+
+def test_packing_refuses_other_values():
+    from redi.errors import UserError
+    from redi.option_checks import packing_mode
+
+    with pytest.raises(UserError, match="'packing' must be true, false or auto"):
+        packing_mode("yes")

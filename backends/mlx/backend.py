@@ -67,7 +67,7 @@ class MLXOps:
 class MLXOptions:
     """The speed/memory config keys (redi.backend.SPEED_KEYS), read the MLX way."""
 
-    packing: bool = True  # accepted for the shared config; MLX always runs right-padded, 32-rounded batches
+    packing: bool | str = "auto"  # accepted for the shared config; MLX always runs right-padded, 32-rounded batches
     activation_checkpointing: str = "auto"  # none | full | N | auto | auto:GB (auto plans on Apple GPUs only)
     compile: bool | str = False  # mx.compile the log-prob graph; bit-identical, no gain measured (auto: off)
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32, or bf16 (as the torch backend's option)

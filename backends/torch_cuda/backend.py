@@ -64,7 +64,7 @@ def _cache_kwarg(model) -> str:
 class TorchOptions:
     """Speed and memory settings (config keys of the same names; see docs/cuda.md)."""
 
-    packing: bool = True  # padding-free rows with a document mask; false: right-padded batches (single process)
+    packing: bool | str = "auto"  # true: padding-free rows, document mask; false: right-padded; auto: see __init__
     activation_checkpointing: str = "auto"  # none | full | N layers | auto | auto:GB (CUDA; the CPU never plans)
     compile: bool | str = False  # false | true | auto (= CUDA only): torch.compile each decoder layer; eager if it fails
     optim_state_dtype: str = "fp32"  # fp32: torch AdamW (fused on CUDA); bf16: moments in bf16 (-4 B/param)
@@ -81,6 +81,10 @@ class TorchBackend:
         self.seed = seed
         self.options = TorchOptions()
         apply_options(self.options, options, "torch")
+        # auto: packed on CUDA and under torchrun; padded on a CPU, where the per-document attention of a packed
+        # row measured ~10% slower than one padded batch (2 rows of 512 tokens, SmolLM2-135M; docs/speed.md).
+        mode = self.options.packing
+        self.options.packing = mode == "true" or (mode == "auto" and (device == "cuda" or self.dist.enabled))
         self.pads_micro_batches = not self.options.packing
         if self.world_size > 1 and not self.options.packing:
             raise UserError("multi-process training needs packing=true")
@@ -256,6 +260,8 @@ class TorchBackend:
         pad = self.model.config.pad_token_id
         pad = pad if pad is not None else 0
         t = {k: torch.from_numpy(v).to(self.device) for k, v in batch.padded(pad).items()}
+        if torch.is_grad_enabled():
+            self._plan_checkpointing(t["input_ids"].numel())
         with self._autocast():
             return sequence_logps(self.model, t["input_ids"], t["attention_mask"], t["label_mask"], self.lm_head_chunk)
 
