@@ -23,16 +23,18 @@ _calls: dict[str, int] = {}
 
 
 def kill_point(name: str) -> None:
-    """SIGKILL this process here if ``REDI_KILL_AT`` names this point (fault injection for the resume tests)."""
+    """SIGKILL this process here if ``REDI_KILL_AT`` names this point (fault injection for the resume tests):
+    ``point``, ``point@N`` (its Nth pass), or ``point@N:SIGINT`` (another signal: Ctrl-C at a known step)."""
     wanted = os.environ.get(KILL_ENV)
     if not wanted:
         return
-    target, _, nth = wanted.partition("@")
+    target, _, rest = wanted.partition("@")
     if target != name:
         return
+    nth, _, sig = rest.partition(":")
     _calls[name] = _calls.get(name, 0) + 1
     if _calls[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, sig) if sig else signal.SIGKILL)
 
 
 def fsync_dir(path: str | Path) -> None:

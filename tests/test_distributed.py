@@ -28,7 +28,8 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 def _overrides(model_dir: str, out: Path, stage: str) -> list[str]:
     # 6 pairs per step in micro-batches of 2: 3 micro-batches, split 2 + 1 (+ a zero-weight repeat) over 2 ranks.
-    return [f"model={model_dir}", f"output={out}", "backend=cpu", f"stage={stage}", "pairs.batch_size=6",
+    # packing=true: torchrun always packs, so one process must too (on a CPU auto pads, a different rounding).
+    return [f"model={model_dir}", f"output={out}", "backend=cpu", f"stage={stage}", "packing=true", "pairs.batch_size=6",
             "pairs.micro_batch_size=2", "pairs.max_steps=5", "pairs.learning_rate=3e-3", "pairs.warmup_ratio=0",
             "sft.batch_size=6", "sft.micro_batch_size=2", "sft.max_steps=5", "sft.warmup_ratio=0"]
 
