@@ -134,4 +134,3 @@ class AdamW:
         self.m = {k: arrays[f"m.{k}"].astype(self.state_dtype) for k in self.m}
         self.v = {k: arrays[f"v.{k}"].astype(self.state_dtype) for k in self.v}
         self.step = int(metadata.get("step", "0"))
-
