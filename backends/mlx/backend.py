@@ -17,6 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from redi.backends.mlx import checkpointing, io, logprobs, lora as mlx_lora
+from redi.backends.mlx import linear as row_major_grads
 from redi.backends.mlx.generate import generate_batch
 from redi.backends.mlx.optim import GROUP_ELEMENTS, AdamW, clip_coefficient, global_norm, norm, spread, streams
 from redi.training.batching import token_groups
@@ -109,6 +110,8 @@ class MLXBackend:
                 self.model.load_weights([(k, v.astype(self.compute_dtype)) for k, v in
                                          tree_flatten(self.model.parameters()) if k not in trainable], strict=False)
             mx.eval(self.model.parameters())
+        else:
+            row_major_grads.install(self.model)
         if checkpointing_mode(self.options.activation_checkpointing)[0] != "none":
             checkpointing.install(self.model.layers)
         self._fn = self._make_logps_fn()
@@ -182,6 +185,7 @@ class MLXBackend:
         state_dtype = mx.bfloat16 if self.options.optim_state_dtype == "bf16" else mx.float32
         self.optimizer = AdamW(self._trainable(), weight_decay, state_dtype=state_dtype)
         self._grads = None
+        checkpointing.keep_freed_buffers(self._static_bytes())
 
     def _make_logps_fn(self):
         """S as a function of (trainable params, batch arrays); compiled when asked and differentiable."""
