@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,13 +34,20 @@ def one_line(code, out, err, expect=2):
 # ----------------------------------------------------------------------------- 1: Ctrl-C
 
 
+def _ctrl_c_reaches_python() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler: a suite launched that way (`bash .ci/run &`) would see the run finish. A terminal's Ctrl-C
+    # meets the default disposition, so the child gets it back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     # Ctrl-C at a named point (the 5th metrics line), not after a timer: the tiny run can finish first.
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "redi", "train", "--config", TINY, "--backend", "cpu",
                            "--stage", "sft", "--max-steps", "400", "--save-every", "2", "--output", str(run)],
                           capture_output=True, text=True, env={**ENV, "REDI_KILL_AT": "metrics-append@5:SIGINT"},
-                          timeout=240)
+                          timeout=240, preexec_fn=_ctrl_c_reaches_python)
     line = one_line(proc.returncode, proc.stdout, proc.stderr, expect=130)
     assert f"redi train --resume {run}" in line and "checkpoints/step-" in line and "sft step" in line
     assert len((run / "metrics.jsonl").read_text().splitlines()) < 400  # stopped early, not finished
