@@ -61,7 +61,7 @@ def test_tied_head_gradient_is_row_major_and_unchanged():
     assert memoryview(got).c_contiguous
 
 
-def test_backend_grads_are_row_major_under_full_training_only(tiny_model_dir, tmp_path):
+def test_backend_grads_are_row_major_under_full_training_only(tiny_model_dir):
     from redi.lora import LoraSpec
 
     full = MLXBackend()
